@@ -1,0 +1,36 @@
+"""cffi out-of-line API build of tcpinfo's C core (``tcpinfo._native``).
+
+Like ``cryptography``'s bindings, the cdef comes from the C header itself (the
+part between the CDEF markers), so the C interface is declared exactly once.
+Run directly (``python cffi_build/build_core.py``) to build the module in place
+for development; ``pip install .`` builds it through setup.py's cffi_modules.
+"""
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE / "tcpinfo_core.h"
+
+
+def _cdef_text() -> str:
+    text = HEADER.read_text()
+    start = text.index("/* CDEF-BEGIN */") + len("/* CDEF-BEGIN */")
+    return text[start:text.index("/* CDEF-END */")]
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef_text())
+ffibuilder.set_source(
+    "tcpinfo._native",
+    '#include "tcpinfo_core.h"',
+    sources=[str((HERE / "tcpinfo_core.c").relative_to(Path.cwd()))
+             if HERE.is_relative_to(Path.cwd()) else str(HERE / "tcpinfo_core.c")],
+    include_dirs=[str(HERE)],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    import os
+    os.chdir(HERE.parent)
+    ffibuilder.compile(verbose=False)

@@ -1,0 +1,663 @@
+/*
+ * tcpinfo_core.c - netlink inet_diag poller with an in-C snapshot table.
+ *
+ * One poll = one dump of AF_INET6 and one of AF_INET over a netlink socket that
+ * stays open.  For every socket the loop reads the cookie from the 72-byte
+ * inet_diag_msg, applies the exclusions, compares the message with the previous
+ * poll's copy by upstream's Compare rules (UPSTREAM.md 3.3) and appends it to the
+ * result only when it is new or changed.  At the end, connections of a family
+ * whose dump completed but which were not seen are reported as vanished.  Python
+ * therefore does no work per idle socket.
+ */
+#define _GNU_SOURCE
+#include "tcpinfo_core.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <netinet/in.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <linux/inet_diag.h>
+
+#define MIN_RECV 32768u
+#define IDM_LEN 72            /* sizeof(struct inet_diag_msg) */
+#define MAX_SLOT 38           /* upstream keeps attribute types 0..38 */
+#define INFO_SLOT 2           /* INET_DIAG_INFO */
+#define MAX_DSTIP 1024
+
+/* ---- snapshot table: open addressing keyed by cookie -------------------- */
+
+struct entry {
+    uint64_t cookie;
+    uint8_t *data;     /* last payload seen */
+    uint32_t len, cap;
+    uint32_t epoch;    /* poll number when last seen */
+    uint8_t family;
+    uint8_t used;
+};
+
+struct table {
+    struct entry *slots;
+    uint32_t cap;      /* power of two */
+    uint32_t count;
+};
+
+struct arena {
+    uint8_t *data;
+    uint32_t len, cap;
+};
+
+struct recvec {
+    struct tcpi_record *v;
+    uint32_t n, cap;
+};
+
+struct tcpi_core {
+    int fd;
+    uint32_t port_id;
+    uint32_t seq;
+    uint8_t *buf;
+    uint32_t buf_size;
+    uint8_t ext;
+    uint32_t states;
+    uint32_t epoch;
+    int exclude_local;
+    uint8_t srcport[65536 / 8];
+    uint8_t (*dstip)[16];
+    uint32_t n_dstip;
+    struct table tbl;
+    struct arena arena;
+    struct recvec changed, gone;
+    struct tcpi_poll_result result;
+};
+
+static int64_t now_ns(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static uint32_t slot_of(const struct table *t, uint64_t cookie)
+{
+    /* Fibonacci hashing spreads the kernel's sequential cookies. */
+    return (uint32_t)((cookie * 0x9E3779B97F4A7C15ull) >> 32) & (t->cap - 1);
+}
+
+static int table_grow(struct table *t)
+{
+    uint32_t old_cap = t->cap, ncap = old_cap ? old_cap * 2 : 1024;
+    struct entry *old = t->slots, *ns = calloc(ncap, sizeof(*ns));
+    if (!ns)
+        return -1;
+    t->slots = ns;
+    t->cap = ncap;
+    for (uint32_t i = 0; i < old_cap; i++) {
+        if (!old[i].used)
+            continue;
+        uint32_t j = slot_of(t, old[i].cookie);
+        while (ns[j].used)
+            j = (j + 1) & (ncap - 1);
+        ns[j] = old[i];
+    }
+    free(old);
+    return 0;
+}
+
+/* Finds the cookie's entry, or the empty slot where it belongs (used == 0). */
+static struct entry *table_find(struct table *t, uint64_t cookie)
+{
+    uint32_t j = slot_of(t, cookie);
+    while (t->slots[j].used && t->slots[j].cookie != cookie)
+        j = (j + 1) & (t->cap - 1);
+    return &t->slots[j];
+}
+
+/* Linear-probing delete with backward shift, so no tombstones accumulate. */
+static void table_delete_at(struct table *t, uint32_t i)
+{
+    uint32_t mask = t->cap - 1, j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (!t->slots[j].used)
+            break;
+        uint32_t k = slot_of(t, t->slots[j].cookie);
+        int stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
+        if (stays)
+            continue;
+        t->slots[i] = t->slots[j];
+        i = j;
+    }
+    memset(&t->slots[i], 0, sizeof(t->slots[i]));
+    t->count--;
+}
+
+/* ---- result buffers ------------------------------------------------------ */
+
+static int arena_put(struct arena *a, const uint8_t *p, uint32_t n, uint32_t *off)
+{
+    if (a->len + n > a->cap) {
+        uint32_t ncap = a->cap ? a->cap : 65536;
+        while (ncap < a->len + n)
+            ncap *= 2;
+        uint8_t *nd = realloc(a->data, ncap);
+        if (!nd)
+            return -1;
+        a->data = nd;
+        a->cap = ncap;
+    }
+    memcpy(a->data + a->len, p, n);
+    *off = a->len;
+    a->len += n;
+    return 0;
+}
+
+static int report(struct tcpi_core *c, struct recvec *v, const uint8_t *p, uint32_t n,
+                  uint64_t cookie, uint8_t family, uint8_t kind)
+{
+    if (v->n == v->cap) {
+        uint32_t ncap = v->cap ? v->cap * 2 : 256;
+        struct tcpi_record *nv = realloc(v->v, ncap * sizeof(*nv));
+        if (!nv)
+            return -1;
+        v->v = nv;
+        v->cap = ncap;
+    }
+    struct tcpi_record *r = &v->v[v->n];
+    if (arena_put(&c->arena, p, n, &r->offset) < 0)
+        return -1;
+    r->length = n;
+    r->cookie = cookie;
+    r->family = family;
+    r->kind = kind;
+    v->n++;
+    return 0;
+}
+
+/* ---- attributes and Compare ---------------------------------------------- */
+
+struct attrs {
+    uint16_t off[MAX_SLOT + 1];
+    uint16_t len[MAX_SLOT + 1];
+    uint8_t present[MAX_SLOT + 1];
+    int nslots;        /* upstream's len(Attributes): min(max type, 38) + 1 */
+};
+
+/* Splits the bytes after the inet_diag_msg into slots as upstream does: the last
+ * duplicate wins, types above 38 are dropped.  Returns -1 on a malformed rtattr
+ * (upstream's EINVAL: the whole record is rejected). */
+static int parse_attrs(const uint8_t *p, uint32_t n, struct attrs *a)
+{
+    uint32_t pos = IDM_LEN, maxtype = 0;
+    memset(a->present, 0, sizeof(a->present));
+    while (pos < n && n - pos >= 4) {
+        uint16_t rlen, rtype;
+        memcpy(&rlen, p + pos, 2);
+        memcpy(&rtype, p + pos + 2, 2);
+        if (rlen < 4 || rlen > n - pos)
+            return -1;
+        if (rtype > maxtype)
+            maxtype = rtype;
+        if (rtype <= MAX_SLOT) {
+            a->present[rtype] = 1;
+            a->off[rtype] = (uint16_t)(pos + 4);
+            a->len[rtype] = (uint16_t)(rlen - 4);
+        }
+        pos += (rlen + 3u) & ~3u;
+    }
+    a->nslots = (int)(maxtype > MAX_SLOT ? MAX_SLOT : maxtype) + 1;
+    return 0;
+}
+
+/* Compares INFO bytes [from, to) with both sides zero-padded, as upstream's
+ * comparison of short (old-kernel) tcp_info behaves on modern kernels. */
+static int info_range_differs(const uint8_t *a, uint32_t alen, const uint8_t *b,
+                              uint32_t blen, uint32_t from, uint32_t to)
+{
+    for (uint32_t i = from; i < to; i++) {
+        uint8_t x = i < alen ? a[i] : 0, y = i < blen ? b[i] : 0;
+        if (x != y)
+            return 1;
+    }
+    return 0;
+}
+
+static int range_differs(const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t blen,
+                         uint32_t from, uint32_t to)
+{
+    if (alen >= to && blen >= to)
+        return memcmp(a + from, b + from, to - from) != 0;
+    return info_range_differs(a, alen, b, blen, from, to);
+}
+
+/* Upstream's Compare(current, previous), with one fix: a socket that had no
+ * tcp_info last poll and still has none (a FIN_WAIT2 time-wait socket) is not a
+ * change, so the loss of tcp_info is recorded once instead of on every poll. */
+static uint8_t compare(const uint8_t *cur, uint32_t clen, const struct attrs *ca,
+                       const uint8_t *prev, uint32_t plen, const struct attrs *pa)
+{
+    if (cur[1] != prev[1])
+        return TCPI_STATE_CHANGE;
+    int c_info = ca->nslots > INFO_SLOT && ca->present[INFO_SLOT];
+    int p_info = pa->nslots > INFO_SLOT && pa->present[INFO_SLOT];
+    if (c_info != p_info)
+        return TCPI_NO_TCPINFO;
+    if (c_info) {
+        const uint8_t *ci = cur + ca->off[INFO_SLOT], *pi = prev + pa->off[INFO_SLOT];
+        uint32_t cl = ca->len[INFO_SLOT], pl = pa->len[INFO_SLOT];
+        if (range_differs(ci, cl, pi, pl, 60, 168) || range_differs(ci, cl, pi, pl, 0, 44))
+            return TCPI_STATE_OR_COUNTER;
+    }
+    if (pa->nslots < ca->nslots)
+        return TCPI_NEW_ATTRIBUTE;
+    if (pa->nslots > ca->nslots)
+        return TCPI_LOST_ATTRIBUTE;
+    for (int t = 0; t < ca->nslots; t++) {
+        if (t == INFO_SLOT)
+            continue;
+        if (!pa->present[t] && ca->present[t])
+            return TCPI_NEW_ATTRIBUTE;
+        if (pa->present[t] && !ca->present[t])
+            return TCPI_LOST_ATTRIBUTE;
+        if (!ca->present[t])
+            continue;
+        if (pa->len[t] != ca->len[t])
+            return TCPI_ATTRIBUTE_LENGTH;
+        if (memcmp(cur + ca->off[t], prev + pa->off[t], ca->len[t]) != 0)
+            return TCPI_OTHER;
+    }
+    return TCPI_NO_CHANGE;
+}
+
+/* ---- exclusions ---------------------------------------------------------- */
+
+static int v4_local(const uint8_t *a)
+{
+    return a[0] == 127                      /* loopback */
+        || (a[0] == 169 && a[1] == 254)     /* link-local */
+        || (a[0] & 0xf0) == 0xe0            /* multicast */
+        || (a[0] | a[1] | a[2] | a[3]) == 0;/* unspecified */
+}
+
+static const uint8_t V4MAPPED[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+/* Upstream's isLocal (loopback, link-local unicast, multicast, unspecified), but
+ * deciding IPv4 vs IPv6 by the socket family rather than by zero bytes. */
+static int addr_local(uint8_t family, const uint8_t *a)
+{
+    if (family == AF_INET)
+        return v4_local(a);
+    if (memcmp(a, V4MAPPED, 12) == 0)
+        return v4_local(a + 12);
+    static const uint8_t zero[16];
+    if (memcmp(a, zero, 15) == 0 && (a[15] == 0 || a[15] == 1))
+        return 1;                            /* :: and ::1 */
+    return (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || a[0] == 0xff;
+}
+
+static int excluded(const struct tcpi_core *c, const uint8_t *idm)
+{
+    uint8_t family = idm[0];
+    uint16_t sport = (uint16_t)(idm[4] << 8 | idm[5]);
+    if (c->srcport[sport >> 3] & (1u << (sport & 7)))
+        return 1;
+    if (c->exclude_local && (addr_local(family, idm + 8) || addr_local(family, idm + 24)))
+        return 1;
+    if (c->n_dstip) {
+        uint8_t key[16];
+        if (family == AF_INET) {
+            memcpy(key, V4MAPPED, 12);
+            memcpy(key + 12, idm + 24, 4);
+        } else {
+            memcpy(key, idm + 24, 16);
+        }
+        for (uint32_t i = 0; i < c->n_dstip; i++)
+            if (memcmp(key, c->dstip[i], 16) == 0)
+                return 1;
+    }
+    return 0;
+}
+
+/* ---- netlink ------------------------------------------------------------- */
+
+static int open_socket(struct tcpi_core *c)
+{
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
+    socklen_t sl = sizeof(sa);
+    /* A dump that never finishes must not hang the collector forever. */
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+        getsockname(fd, (struct sockaddr *)&sa, &sl) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    c->fd = fd;
+    c->port_id = sa.nl_pid;
+    return 0;
+}
+
+/* After a failed dump the socket may still hold the rest of it; start afresh
+ * rather than parse stale replies. */
+static void reset_socket(struct tcpi_core *c)
+{
+    close(c->fd);
+    c->fd = -1;
+    open_socket(c);
+}
+
+static int send_request(struct tcpi_core *c, uint8_t family)
+{
+    struct {
+        struct nlmsghdr nh;
+        struct inet_diag_req_v2 req;
+    } msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.nh.nlmsg_len = sizeof(msg);
+    msg.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    msg.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    msg.nh.nlmsg_seq = ++c->seq;
+    msg.req.sdiag_family = family;
+    msg.req.sdiag_protocol = IPPROTO_TCP;
+    msg.req.idiag_ext = c->ext;
+    msg.req.idiag_states = c->states;
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    if (c->fd < 0 && open_socket(c) < 0)
+        return -1;
+    ssize_t r;
+    do
+        r = sendto(c->fd, &msg, sizeof(msg), 0, (struct sockaddr *)&kernel, sizeof(kernel));
+    while (r < 0 && errno == EINTR);
+    return r == (ssize_t)sizeof(msg) ? 0 : -1;
+}
+
+static ssize_t recv_some(struct tcpi_core *c, int *truncated)
+{
+    struct iovec iov = {c->buf, c->buf_size};
+    struct sockaddr_nl sa;
+    struct msghdr mh = {.msg_name = &sa, .msg_namelen = sizeof(sa), .msg_iov = &iov, .msg_iovlen = 1};
+    ssize_t n;
+    do
+        n = recvmsg(c->fd, &mh, 0);
+    while (n < 0 && errno == EINTR);
+    *truncated = n >= 0 && (mh.msg_flags & MSG_TRUNC);
+    return n;
+}
+
+/* Handles one inet_diag message of the dump. */
+static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
+                     struct tcpi_family_stats *st)
+{
+    st->messages++;
+    if (n < IDM_LEN) {
+        st->bad++;
+        return 0;
+    }
+    if (excluded(c, p)) {
+        st->excluded++;
+        return 0;
+    }
+    struct attrs ca, pa;
+    if (parse_attrs(p, n, &ca) < 0) {
+        st->bad++;
+        return 0;
+    }
+    uint64_t cookie;
+    uint32_t lo, hi;
+    memcpy(&lo, p + 44, 4);
+    memcpy(&hi, p + 48, 4);
+    cookie = (uint64_t)hi << 32 | lo;
+
+    if ((c->tbl.count + 1) * 2 > c->tbl.cap && table_grow(&c->tbl) < 0)
+        return -1;
+    struct entry *e = table_find(&c->tbl, cookie);
+    uint8_t kind;
+    if (!e->used) {
+        kind = TCPI_PREVIOUS_WAS_NIL;
+        e->used = 1;
+        e->cookie = cookie;
+        e->data = NULL;
+        e->len = e->cap = 0;
+        c->tbl.count++;
+    } else {
+        parse_attrs(e->data, e->len, &pa);   /* stored copies always parsed fine */
+        kind = compare(p, n, &ca, e->data, e->len, &pa);
+    }
+    e->epoch = c->epoch;
+    e->family = p[0];
+    /* Keep the latest copy even when unchanged: the vanished report then carries
+     * the last counters seen (for example bytes_sent, which Compare ignores). */
+    if (n > e->cap) {
+        uint8_t *nd = realloc(e->data, n);
+        if (!nd)
+            return -1;
+        e->data = nd;
+        e->cap = n;
+    }
+    memcpy(e->data, p, n);
+    e->len = n;
+    if (kind != TCPI_NO_CHANGE)
+        return report(c, &c->changed, p, n, cookie, p[0], kind);
+    return 0;
+}
+
+/* Walks the netlink messages of one recv.  Returns 1 when the dump is done,
+ * 0 to keep reading, -1 on failure (st->status set). */
+static int walk(struct tcpi_core *c, const uint8_t *b, uint32_t n, struct tcpi_family_stats *st,
+                int count_only, int64_t *count)
+{
+    uint32_t pos = 0;
+    while (pos + sizeof(struct nlmsghdr) <= n) {
+        const struct nlmsghdr *h = (const struct nlmsghdr *)(b + pos);
+        if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > n - pos) {
+            st->status = TCPI_E_TRUNCATED;
+            return -1;
+        }
+        if (h->nlmsg_seq != c->seq) {
+            st->status = TCPI_E_SEQ;
+            return -1;
+        }
+        if (h->nlmsg_pid != c->port_id) {
+            st->status = TCPI_E_PID;
+            return -1;
+        }
+        if (h->nlmsg_flags & NLM_F_DUMP_INTR)
+            st->interrupted = 1;
+        const uint8_t *payload = b + pos + sizeof(*h);
+        uint32_t plen = h->nlmsg_len - sizeof(*h);
+        if (h->nlmsg_type == NLMSG_DONE)
+            return 1;
+        if (h->nlmsg_type == NLMSG_ERROR) {
+            int32_t code = 0;
+            if (plen < 4) {
+                st->status = TCPI_E_TRUNCATED;
+                return -1;
+            }
+            memcpy(&code, payload, 4);
+            if (code == 0)
+                return 1;
+            st->status = TCPI_E_NLMSG_ERROR;
+            st->errno_value = -code;
+            return -1;
+        }
+        if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) {
+            st->bad++;
+        } else if (count_only) {
+            (*count)++;
+        } else if (on_socket(c, payload, plen, st) < 0) {
+            st->status = TCPI_E_NOMEM;
+            return -1;
+        }
+        if (!(h->nlmsg_flags & NLM_F_MULTI))
+            return 1;
+        pos += NLMSG_ALIGN(h->nlmsg_len);
+    }
+    return 0;
+}
+
+static int dump(struct tcpi_core *c, uint8_t family, struct tcpi_family_stats *st,
+                int count_only, int64_t *count)
+{
+    int64_t t0 = now_ns(CLOCK_MONOTONIC);
+    int rc = -1;
+    memset(st, 0, sizeof(*st));
+    if (send_request(c, family) < 0) {
+        st->status = TCPI_E_SYSCALL;
+        st->errno_value = errno;
+        goto out;
+    }
+    for (;;) {
+        int trunc;
+        ssize_t n = recv_some(c, &trunc);
+        if (n < 0 || trunc) {
+            st->status = n < 0 ? TCPI_E_SYSCALL : TCPI_E_TRUNCATED;
+            st->errno_value = n < 0 ? errno : EMSGSIZE;
+            break;
+        }
+        st->recvs++;
+        int w = walk(c, c->buf, (uint32_t)n, st, count_only, count);
+        if (w != 0) {
+            rc = w > 0 ? 0 : -1;
+            break;
+        }
+    }
+out:
+    if (rc < 0)
+        reset_socket(c);
+    st->end_realtime_ns = now_ns(CLOCK_REALTIME);
+    st->duration_ns = now_ns(CLOCK_MONOTONIC) - t0;
+    return rc;
+}
+
+/* ---- public API ---------------------------------------------------------- */
+
+struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
+{
+    struct tcpi_core *c = calloc(1, sizeof(*c));
+    if (!c) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    c->buf_size = recv_size < MIN_RECV ? MIN_RECV : recv_size;
+    c->buf = malloc(c->buf_size);
+    c->ext = 0xFF;
+    c->states = 0x0F37;
+    c->exclude_local = 1;
+    c->fd = -1;
+    if (!c->buf || table_grow(&c->tbl) < 0 || open_socket(c) < 0) {
+        *err = c->buf ? errno : ENOMEM;
+        tcpi_core_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+void tcpi_core_free(struct tcpi_core *c)
+{
+    if (!c)
+        return;
+    if (c->fd >= 0)
+        close(c->fd);
+    for (uint32_t i = 0; i < c->tbl.cap; i++)
+        free(c->tbl.slots[i].data);
+    free(c->tbl.slots);
+    free(c->buf);
+    free(c->dstip);
+    free(c->arena.data);
+    free(c->changed.v);
+    free(c->gone.v);
+    free(c);
+}
+
+void tcpi_set_request(struct tcpi_core *c, uint8_t ext, uint32_t states)
+{
+    c->ext = ext;
+    c->states = states;
+}
+
+void tcpi_exclude_local(struct tcpi_core *c, int on) { c->exclude_local = on; }
+
+void tcpi_exclude_srcport(struct tcpi_core *c, uint16_t port)
+{
+    c->srcport[port >> 3] |= (uint8_t)(1u << (port & 7));
+}
+
+int tcpi_exclude_dstip(struct tcpi_core *c, const uint8_t *key)
+{
+    if (c->n_dstip >= MAX_DSTIP)
+        return -1;
+    if (!c->dstip && !(c->dstip = malloc(MAX_DSTIP * 16)))
+        return -1;
+    memcpy(c->dstip[c->n_dstip++], key, 16);
+    return 0;
+}
+
+void tcpi_exclude_clear(struct tcpi_core *c)
+{
+    memset(c->srcport, 0, sizeof(c->srcport));
+    c->n_dstip = 0;
+}
+
+void tcpi_forget_all(struct tcpi_core *c)
+{
+    for (uint32_t i = 0; i < c->tbl.cap; i++) {
+        free(c->tbl.slots[i].data);
+        memset(&c->tbl.slots[i], 0, sizeof(c->tbl.slots[i]));
+    }
+    c->tbl.count = 0;
+}
+
+int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
+{
+    struct tcpi_poll_result *r = &c->result;
+    c->epoch++;
+    c->arena.len = 0;
+    c->changed.n = c->gone.n = 0;
+    int ok6 = dump(c, AF_INET6, &r->inet6, 0, NULL) == 0;
+    int ok4 = dump(c, AF_INET, &r->inet, 0, NULL) == 0;
+
+    /* A connection vanished if its family's dump completed without it.  A failed
+     * dump proves nothing, so its family's connections are kept as they are. */
+    for (uint32_t i = 0; i < c->tbl.cap;) {
+        struct entry *e = &c->tbl.slots[i];
+        int done = e->family == AF_INET6 ? ok6 : ok4;
+        if (!e->used || e->epoch == c->epoch || !done) {
+            i++;
+            continue;
+        }
+        if (report(c, &c->gone, e->data, e->len, e->cookie, e->family, TCPI_NO_CHANGE) < 0)
+            break;
+        free(e->data);
+        table_delete_at(&c->tbl, i);  /* slot i now holds a shifted entry: re-examine */
+    }
+    r->records = c->changed.v;
+    r->n_records = c->changed.n;
+    r->vanished = c->gone.v;
+    r->n_vanished = c->gone.n;
+    r->data = c->arena.data;
+    r->data_len = c->arena.len;
+    r->tracked = c->tbl.count;
+    *out = r;
+    return (ok4 || ok6) ? 0 : -1;
+}
+
+int64_t tcpi_count_dump(struct tcpi_core *c, uint8_t family, int *err)
+{
+    struct tcpi_family_stats st;
+    int64_t count = 0;
+    if (dump(c, family, &st, 1, &count) < 0) {
+        *err = st.errno_value ? st.errno_value : EPROTO;
+        return -1;
+    }
+    return count;
+}

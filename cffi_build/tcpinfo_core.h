@@ -1,0 +1,105 @@
+/*
+ * tcpinfo_core.h - the C core of tcpinfo: one inet_diag dump per address family,
+ * diffed against the previous poll in C, so Python only sees what changed.
+ *
+ * This header is both the C interface and (between the CDEF markers) the text
+ * that cffi_build/build_core.py hands to cffi.  Keep the CDEF part plain: no
+ * preprocessor conditionals, no macros with expressions.
+ */
+#ifndef TCPINFO_CORE_H
+#define TCPINFO_CORE_H
+
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+
+/* Why a record was reported: upstream's ChangeType values (UPSTREAM.md 3.3). */
+enum tcpi_change {
+    TCPI_NO_CHANGE = 0,
+    TCPI_STATE_CHANGE = 1,
+    TCPI_NO_TCPINFO = 2,
+    TCPI_NEW_ATTRIBUTE = 3,
+    TCPI_LOST_ATTRIBUTE = 4,
+    TCPI_ATTRIBUTE_LENGTH = 5,
+    TCPI_STATE_OR_COUNTER = 6,
+    TCPI_PACKET_COUNT = 7,
+    TCPI_PREVIOUS_WAS_NIL = 8,
+    TCPI_OTHER = 9
+};
+
+/* Why a family's dump failed (tcpi_family_stats.status); 0 = complete. */
+enum tcpi_status {
+    TCPI_OK = 0,
+    TCPI_E_SYSCALL = 1,    /* send/recv failed; errno_value says why */
+    TCPI_E_SEQ = 2,        /* reply with the wrong sequence number */
+    TCPI_E_PID = 3,        /* reply for another port id */
+    TCPI_E_NLMSG_ERROR = 4,/* the kernel answered NLMSG_ERROR; errno_value */
+    TCPI_E_TRUNCATED = 5,  /* malformed or truncated netlink framing */
+    TCPI_E_NOMEM = 6
+};
+
+/* One socket that is new, changed, or (in the vanished list) gone. */
+struct tcpi_record {
+    uint32_t offset;   /* into tcpi_poll_result.data */
+    uint32_t length;   /* 72-byte inet_diag_msg followed by its attributes */
+    uint64_t cookie;
+    uint8_t family;    /* AF_INET or AF_INET6 */
+    uint8_t kind;      /* enum tcpi_change; TCPI_NO_CHANGE for vanished */
+};
+
+struct tcpi_family_stats {
+    uint32_t messages;    /* inet_diag messages received (before exclusion) */
+    uint32_t excluded;    /* dropped by the exclusion rules */
+    uint32_t bad;         /* messages skipped: too short, bad attributes, wrong type */
+    uint32_t recvs;       /* recvmsg calls that returned data */
+    int32_t status;       /* enum tcpi_status */
+    int32_t errno_value;  /* errno or NLMSG_ERROR code when status != 0 */
+    uint8_t interrupted;  /* NLM_F_DUMP_INTR seen: the dump may be inconsistent */
+    int64_t end_realtime_ns;  /* wall clock when the dump finished (record Timestamp) */
+    int64_t duration_ns;      /* monotonic time spent in this family's dump */
+};
+
+struct tcpi_poll_result {
+    struct tcpi_record *records;   /* new or changed, in dump order (IPv6 first) */
+    uint32_t n_records;
+    struct tcpi_record *vanished;  /* payload = last snapshot seen */
+    uint32_t n_vanished;
+    uint8_t *data;                 /* arena holding every payload above */
+    uint32_t data_len;
+    uint32_t tracked;              /* connections in the snapshot table after the poll */
+    struct tcpi_family_stats inet6;
+    struct tcpi_family_stats inet;
+};
+
+struct tcpi_core;
+
+/* Opens the NETLINK_SOCK_DIAG socket kept for every poll.  recv_size is the
+ * receive buffer (raised to at least 32 KiB).  Returns NULL with *err = errno. */
+struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err);
+void tcpi_core_free(struct tcpi_core *core);
+
+/* Request shape: upstream sends ext 0xFF and states 0x0F37. */
+void tcpi_set_request(struct tcpi_core *core, uint8_t ext, uint32_t states);
+
+/* Exclusions, checked in upstream's order: source port, local address, destination IP. */
+void tcpi_exclude_local(struct tcpi_core *core, int on);
+void tcpi_exclude_srcport(struct tcpi_core *core, uint16_t port);
+/* key: 16 bytes, IPv4 given in v4-mapped form (::ffff:a.b.c.d); it then matches
+ * both AF_INET sockets and dual-stack AF_INET6 sockets talking to that address. */
+int tcpi_exclude_dstip(struct tcpi_core *core, const uint8_t *key);
+void tcpi_exclude_clear(struct tcpi_core *core);
+
+/* Dumps AF_INET6 then AF_INET, diffs against the previous poll, and fills *out.
+ * *out stays valid until the next call.  Returns 0, or -1 if both families failed. */
+int tcpi_poll(struct tcpi_core *core, struct tcpi_poll_result **out);
+
+/* Forget every tracked connection (the next poll reports all as new). */
+void tcpi_forget_all(struct tcpi_core *core);
+
+/* The kernel's floor, for benchmarks: the same request and receive loop, only
+ * counting messages.  Returns the count, or -1 with *err = errno. */
+int64_t tcpi_count_dump(struct tcpi_core *core, uint8_t family, int *err);
+
+/* CDEF-END */
+
+#endif

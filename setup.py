@@ -1,0 +1,29 @@
+"""Build hook: compiles the C core (cffi out-of-line API mode) from cffi_build/.
+
+pyproject.toml holds the metadata; this file exists only because setuptools takes
+``cffi_modules`` from setup() and because a missing C compiler deserves a clear message
+instead of a distutils traceback.
+"""
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildCore(build_ext):
+    """build_ext that turns a compiler failure into one actionable error."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # CompileError, DistutilsExecError, PlatformError...
+            raise SystemExit(
+                "tcpinfo: could not compile its C core (cffi_build/tcpinfo_core.c): "
+                f"{exc}\n"
+                "tcpinfo needs a C compiler and the Python headers: on Debian, "
+                "`apt-get install gcc python3-dev` (or libpython3-dev for your Python)."
+            ) from exc
+
+
+setup(
+    cffi_modules=["cffi_build/build_core.py:ffibuilder"],
+    cmdclass={"build_ext": BuildCore},
+)
