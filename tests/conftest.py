@@ -1,0 +1,27 @@
+"""Shared fixtures: real network namespaces for every test that needs sockets."""
+import os
+
+import pytest
+
+from topology import Topology
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        raise pytest.UsageError("tcpinfo's tests create network namespaces: run them as root")
+
+
+@pytest.fixture
+def testnet():
+    """Two namespaces joined by a veth pair (see tests/topology.py)."""
+    topo = Topology()
+    yield topo
+    topo.destroy()
+
+
+@pytest.fixture
+def shaped_testnet():
+    """Like testnet, but b's egress is a 2 Mbit/s tbf link with a small queue."""
+    topo = Topology(shape_egress=True)
+    yield topo
+    topo.destroy()
