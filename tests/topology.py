@@ -95,17 +95,32 @@ class Topology:
     def connect(self, family: int = socket.AF_INET, port: int = 0,
                 listener: socket.socket | None = None) -> tuple[socket.socket, socket.socket, socket.socket]:
         """Opens one TCP connection a -> b; returns (client, server side, listener)."""
-        server_addr = self.b4 if family == socket.AF_INET else self.b6
         if listener is None:
-            with self.inside(self.ns_b):
-                listener = socket.socket(family, socket.SOCK_STREAM)
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((server_addr, port))
-                listener.listen(4096)
+            listener = self.listen(family, port)
         with self.inside(self.ns_a):
             client = socket.create_connection(listener.getsockname()[:2])
         server, _ = listener.accept()
         return client, server, listener
+
+    def listen(self, family: int = socket.AF_INET, port: int = 0) -> socket.socket:
+        """A listening socket in b on b's address of that family."""
+        with self.inside(self.ns_b):
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.b4 if family == socket.AF_INET else self.b6, port))
+            listener.listen(4096)
+        return listener
+
+    def open_many(self, n: int, family: int = socket.AF_INET) -> list[tuple[socket.socket, socket.socket]]:
+        """Opens n idle connections a -> b (2n file descriptors in this process)."""
+        listener = self.listen(family)
+        pairs = []
+        with self.inside(self.ns_a):
+            for _ in range(n):
+                client = socket.create_connection(listener.getsockname()[:2])
+                pairs.append((client, listener.accept()[0]))
+        listener.close()
+        return pairs
 
     def destroy(self) -> None:
         for ns in (self.ns_a, self.ns_b):
