@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Example event-socket client: prints one line per flow event until tcp-info goes away.
+
+    python cmd/eventsocket_client.py -tcpinfo.eventsocket /var/local/tcpinfoeventsocket/tcpevents.sock
+
+Output, one event per line (the ID object exactly as received):
+
+    Open 2019-07-01T00:00:12.092000+00:00 ndt-7hhhv_1559749627_0000000000062D84 {"SPort":33475,...}
+    Close 2019-07-01T00:00:22.800000+00:00 ndt-7hhhv_1559749627_0000000000062D84
+
+The flag has the same name as the server's, and TCPINFO_EVENTSOCKET is read when
+it is not given, as upstream's flagx.ArgsFromEnv does.  Exits 1 with a message if
+the socket is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+
+import orjson
+
+from tcpinfo import eventclient
+
+
+class Printer:
+    """Prints each event as it arrives (flushed, so a pipe sees it at once)."""
+
+    def open(self, ts: datetime, uuid: str, sockid: dict) -> None:
+        print("Open", ts.isoformat(), uuid, orjson.dumps(sockid).decode(), flush=True)
+
+    def close(self, ts: datetime, uuid: str) -> None:
+        print("Close", ts.isoformat(), uuid, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-tcpinfo.eventsocket", "--tcpinfo.eventsocket", dest="path",
+                        default=os.environ.get("TCPINFO_EVENTSOCKET", ""),
+                        help="path of tcp-info's event socket (env TCPINFO_EVENTSOCKET)")
+    args = parser.parse_args(argv)
+    if not args.path:
+        parser.error("-tcpinfo.eventsocket is required")
+    try:
+        eventclient.run(args.path, Printer())
+    except (OSError, ValueError) as err:
+        print(f"eventsocket_client: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
