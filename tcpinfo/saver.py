@@ -1,0 +1,292 @@
+"""Archive storage: one `<YYYY>/<MM>/<DD>/<uuid>.<seq>.jsonl.zst` series per connection.
+
+Upstream keeps one zstd process, pipe and file descriptor per open connection and runs out of file
+descriptors on busy hosts (its issue #17).  Here a connection costs a small object and, while it has
+unwritten records, one bytearray.  Pending lines are compressed as one complete zstd frame (level 3,
+with checksum) and appended to the connection's file, opened and closed for that one write, when they
+are big enough, old enough, when the connection closes or rotates, when the global cap is reached,
+and at shutdown.  Every file is therefore a sequence of whole frames that any zstd decoder reads; a
+crash loses only what was never flushed.
+
+Nothing already written is ever overwritten: a file is created with O_EXCL, and when the name is
+taken (an earlier run of the collector, or a connection seen again) the next free sequence number is
+used.  A failed write is undone (partial bytes truncated, a new file removed), counted, logged once
+per cause and retried a second later; while writes fail, records wait in memory within the
+per-connection and global caps, beyond which the oldest are dropped and counted.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import zstandard
+
+from tcpinfo import metrics
+from tcpinfo.record import encode_header
+from tcpinfo.uuidprefix import make_uuid
+
+log = logging.getLogger(__name__)
+
+NS_PER_DAY = 86_400 * 1_000_000_000
+RETRY_NS = 1_000_000_000
+SHUTDOWN_FAILURE_LIMIT = 100   # consecutive failed writes after which shutdown stops trying
+ZSTD_LEVEL = 3                 # what upstream's `zstd` CLI uses by default
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When pending records are written, and how much may wait in memory."""
+    flush_size: int = 128 * 1024
+    flush_age_ns: int = 5_000_000_000
+    conn_limit: int = 1024 * 1024
+    total_limit: int = 64 * 1024 * 1024
+    rotate_ns: int = 600_000_000_000
+
+
+class _Connection:
+    """What the saver remembers about one connection; small, because there may be 100,000."""
+    __slots__ = ("cookie", "start_ns", "seq", "day", "expires_ns", "started", "buf", "first_ns")
+
+    def __init__(self, cookie: int, start_ns: int, day: str, expires_ns: int) -> None:
+        self.cookie = cookie
+        self.start_ns = start_ns        # Metadata StartTime: first record seen by this process
+        self.seq = 0                    # sequence of the current file
+        self.day = day                  # "YYYY/MM/DD" directory of the current file
+        self.expires_ns = expires_ns    # a record at or after this time starts the next file
+        self.started = False            # the current file exists and holds its header
+        self.buf: bytearray | None = None  # pending lines, None when there are none
+        self.first_ns = 0               # timestamp of the oldest pending line
+
+
+class Saver:
+    """Buffers each connection's record lines and appends them to its archive as zstd frames.
+
+    Times are passed in by the caller (record timestamps and the poll's wall clock), so the saver
+    itself never reads a clock on the hot path and tests can drive it through days in a moment.
+    """
+
+    def __init__(self, root: str, prefix: str, limits: Limits = Limits(),
+                 extra_metadata: dict | None = None) -> None:
+        self._root = root
+        self._prefix = prefix
+        self._limits = limits
+        self._extra = extra_metadata
+        self._conns: dict[int, _Connection] = {}
+        self._dirty: OrderedDict[_Connection, None] = OrderedDict()  # oldest pending line first
+        self._pending = 0
+        self._retry_ns = 0              # no write is attempted before this time (after a failure)
+        self._failing: set[str] = set()  # causes logged since the last successful write
+        self._days: dict[int, str] = {}
+        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._pending
+
+    def cookies(self) -> list[int]:
+        return list(self._conns)
+
+    def write(self, cookie: int, ts_ns: int, line: bytes) -> None:
+        """Queues one record line (from encode_record) of a connection; its first line opens it."""
+        conn = self._conns.get(cookie)
+        if conn is None:
+            conn = self._conns[cookie] = _Connection(cookie, ts_ns, self._day(ts_ns),
+                                                     ts_ns + self._limits.rotate_ns)
+        elif ts_ns >= conn.expires_ns:
+            self._rotate(conn, ts_ns)
+        buf = conn.buf
+        if buf is None:
+            conn.buf = buf = bytearray(line)
+            conn.first_ns = ts_ns
+            self._dirty[conn] = None
+        else:
+            buf += line
+        self._pending += len(line)
+        if len(buf) >= self._limits.flush_size:
+            self._flush_big(conn, ts_ns)
+        if self._pending > self._limits.total_limit:
+            self._relieve(ts_ns)
+
+    def close_connection(self, cookie: int, now_ns: int) -> None:
+        """The connection is gone: write what it has pending and forget it.
+
+        If the write fails, its records stay queued and are retried like any other.
+        """
+        conn = self._conns.pop(cookie, None)
+        if conn is not None and conn.buf is not None and now_ns >= self._retry_ns:
+            self._flush(conn, now_ns)
+
+    def flush_due(self, now_ns: int) -> None:
+        """Writes every buffer whose oldest line is older than the flush age; call once per poll."""
+        if now_ns < self._retry_ns:
+            return
+        oldest_allowed = now_ns - self._limits.flush_age_ns
+        dirty = self._dirty
+        while dirty:
+            conn = next(iter(dirty))
+            if conn.first_ns > oldest_allowed or not self._flush(conn, now_ns):
+                return
+
+    def close(self, now_ns: int) -> None:
+        """Shutdown: writes everything pending, giving up (and counting) after repeated failures."""
+        self._conns.clear()
+        failures = 0
+        while self._dirty and failures < SHUTDOWN_FAILURE_LIMIT:
+            conn = next(iter(self._dirty))
+            if self._flush(conn, now_ns):
+                failures = 0
+            else:
+                failures += 1
+                self._drop(conn, len(conn.buf), "shutdown")  # type: ignore[arg-type]
+        while self._dirty:
+            conn = next(iter(self._dirty))
+            self._drop(conn, len(conn.buf), "shutdown")  # type: ignore[arg-type]
+
+    # -------------------------------------------------------------------------- buffer policy
+
+    def _day(self, ts_ns: int) -> str:
+        """UTC "YYYY/MM/DD" (Go layout 2006/01/02), shared between connections of the same day."""
+        key = ts_ns // NS_PER_DAY
+        day = self._days.get(key)
+        if day is None:
+            day = self._days[key] = time.strftime("%Y/%m/%d", time.gmtime(key * 86_400))
+        return day
+
+    def _rotate(self, conn: _Connection, now_ns: int) -> None:
+        """Ends the current file and starts the next sequence, dated today, lasting from now.
+
+        Upstream adds the interval to the previous expiration, so after an idle hour every record
+        starts yet another file; counting from now gives one new file per interval of activity.
+        """
+        if conn.buf is not None and now_ns >= self._retry_ns:
+            self._flush(conn, now_ns)
+        if conn.started:
+            conn.seq += 1
+            conn.started = False
+        conn.day = self._day(now_ns)
+        conn.expires_ns = now_ns + self._limits.rotate_ns
+
+    def _flush_big(self, conn: _Connection, now_ns: int) -> None:
+        """A buffer reached the flush size: write it, or while writes fail keep only the newest."""
+        if now_ns >= self._retry_ns and self._flush(conn, now_ns):
+            return
+        buf = conn.buf
+        excess = len(buf) - self._limits.conn_limit  # type: ignore[arg-type]
+        if excess > 0:
+            self._drop(conn, buf.find(b"\n", excess - 1) + 1, "connection limit")  # type: ignore[union-attr]
+
+    def _relieve(self, now_ns: int) -> None:
+        """Global cap reached: write the oldest buffers, and drop the oldest if writes fail."""
+        target = self._limits.total_limit * 3 // 4
+        dirty = self._dirty
+        while self._pending > target and dirty:
+            conn = next(iter(dirty))
+            if now_ns < self._retry_ns or not self._flush(conn, now_ns):
+                self._drop(conn, len(conn.buf), "buffer limit")  # type: ignore[arg-type]
+
+    def _drop(self, conn: _Connection, nbytes: int, reason: str) -> None:
+        """Discards the first `nbytes` (whole lines) of a connection's pending records."""
+        buf = conn.buf
+        metrics.DROPPED_RECORDS.labels(reason=reason).inc(buf.count(b"\n", 0, nbytes))  # type: ignore[union-attr]
+        metrics.DROPPED_BYTES.labels(reason=reason).inc(nbytes)
+        self._pending -= nbytes
+        if nbytes >= len(buf):  # type: ignore[arg-type]
+            conn.buf = None
+            del self._dirty[conn]
+        else:
+            del buf[:nbytes]  # type: ignore[index]
+
+    # ----------------------------------------------------------------------------- file I/O
+
+    def _flush(self, conn: _Connection, now_ns: int) -> bool:
+        """Writes a connection's pending lines as one frame; False (and retry later) on failure."""
+        data = conn.buf
+        try:
+            if conn.started:
+                self._append(conn, data, now_ns)  # type: ignore[arg-type]
+            else:
+                self._create(conn, data)  # type: ignore[arg-type]
+        except OSError as err:
+            self._write_failed(err, now_ns)
+            return False
+        self._pending -= len(data)  # type: ignore[arg-type]
+        conn.buf = None
+        del self._dirty[conn]
+        if self._failing:
+            log.warning("Archive writes work again (after %s)", ", ".join(sorted(self._failing)))
+            self._failing.clear()
+        return True
+
+    def _path(self, conn: _Connection) -> str:
+        return (f"{self._root}/{conn.day}/{make_uuid(self._prefix, conn.cookie)}"
+                f".{conn.seq:05d}.jsonl.zst")
+
+    def _create(self, conn: _Connection, data: bytearray) -> None:
+        """Creates the connection's next file (never an existing one) with its header line."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        while True:
+            path = self._path(conn)
+            try:
+                fd = os.open(path, flags, 0o666)
+                break
+            except FileExistsError:
+                conn.seq += 1
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        header = encode_header(make_uuid(self._prefix, conn.cookie), conn.seq, conn.start_ns,
+                               self._extra)
+        try:
+            _write_all(fd, self._zstd.compress(header + data))
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        conn.started = True
+        metrics.NEW_FILES.inc()
+
+    def _append(self, conn: _Connection, data: bytearray, now_ns: int) -> None:
+        """Appends one frame; a partial write is cut off again so the file stays whole frames."""
+        try:
+            fd = os.open(self._path(conn), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Someone (an uploader) took the file away: go on in a new file, with a header.
+            conn.seq += 1
+            conn.started = False
+            conn.day = self._day(now_ns)
+            self._create(conn, data)
+            return
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, self._zstd.compress(data))
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+    def _write_failed(self, err: OSError, now_ns: int) -> None:
+        cause = errno.errorcode.get(err.errno or 0, type(err).__name__)
+        metrics.WRITE_ERRORS.labels(cause=cause).inc()
+        self._retry_ns = now_ns + RETRY_NS
+        if cause not in self._failing:
+            self._failing.add(cause)
+            log.error("Cannot write archives: %s; keeping records in memory (up to %d bytes) "
+                      "and retrying every second", err, self._limits.total_limit)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
