@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tcpinfo import metrics
+
 MS = 1_000_000
 SECOND = 1_000_000_000
 
@@ -42,6 +44,7 @@ class Config:
     uuid_prefix_file: str = ""
     debug: bool = False
     exclude_local: bool = True
+    count_port: list[int] = field(default_factory=list)
     poll_interval_ns: int = 10 * MS
     flush_age_ns: int = 5 * SECOND
     flush_size: int = 128 * 1024
@@ -154,6 +157,12 @@ def parse_anonymization(text: str) -> str:
     return text
 
 
+def parse_listen_address(text: str) -> str:
+    if text:
+        metrics.parse_listen_address(text)
+    return text
+
+
 def parse_text(text: str) -> str:
     return text
 
@@ -211,7 +220,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("anonymize.ip", "anonymize_ip", parse_anonymization,
          "IP anonymization of archived records: none, or netblock (IPv4 /24, IPv6 /48; the "
          "host's own addresses are kept).", metavar="method"),
-    Flag("prometheusx.listen-address", "listen_address", parse_text,
+    Flag("prometheusx.listen-address", "listen_address", parse_listen_address,
          "Address of the Prometheus /metrics server (\":9990\", \"host:port\", \":0\" for any "
          "free port); empty: no server.", metavar="address"),
     Flag("uuid-prefix-file", "uuid_prefix_file", parse_text,
@@ -221,6 +230,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("exclude-local", "exclude_local", parse_bool,
          "Skip connections from or to loopback, link-local, multicast and unspecified addresses "
          "(always on upstream).", kind="bool"),
+    Flag("count-port", "count_port", parse_port,
+         "Local port whose open connections are counted in the tcpinfo_port_connections metric. "
+         "Repeatable and comma-separated.", kind="list", metavar="port"),
     Flag("poll-interval", "poll_interval_ns", parse_duration,
          "Target time between two polls of the kernel.", metavar="duration"),
     Flag("flush-age", "flush_age_ns", parse_duration,

@@ -1,0 +1,233 @@
+"""The poll loop: kernel snapshots in, archives, flow events and metrics out; clean shutdown.
+
+The C poller hands back only the sockets that are new, changed or gone, and this loop touches only
+those, so a host with 100,000 idle connections costs Python nothing per socket per poll.  Per changed
+record the work is split, anonymize, encode and append to the saver's buffer.  Unlike upstream, which
+has no signal handling, SIGTERM and SIGINT end the loop between polls; the saver then writes every
+buffer and the event socket tells its clients every open flow closed, so nothing recorded is lost.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+
+import tcpinfo
+from tcpinfo import metrics
+from tcpinfo.anonymize import Anonymizer
+from tcpinfo.inetdiag import split_message
+from tcpinfo.netlink import PREVIOUS_WAS_NIL, FamilyStats, Poller, PollResult
+from tcpinfo.record import encode_record
+from tcpinfo.saver import Saver
+from tcpinfo.uuidprefix import make_uuid
+
+log = logging.getLogger(__name__)
+
+NS = 1_000_000_000
+LOG_EVERY_NS = 60 * NS   # repeated dump errors are logged at most once a minute per kind
+INFO = 2                 # INET_DIAG_INFO attribute: struct tcp_info
+_U64 = struct.Struct("<Q")
+_BYTES_SENT_AT, _BYTES_RECEIVED_AT = 200, 128  # offsets of the counters in struct tcp_info
+
+
+def kernel_tcp_info_length() -> int:
+    """sizeof(struct tcp_info) of the running kernel, i.e. the length of every INFO attribute."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return len(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1024))
+
+
+def archive_metadata(poll_interval: str) -> dict:
+    """Metadata keys added after upstream's UUID/Sequence/StartTime; upstream readers ignore them."""
+    return {"ToolVersion": f"tcpinfo {tcpinfo.__version__}", "KernelRelease": os.uname().release,
+            "TCPInfoLength": kernel_tcp_info_length(), "PollInterval": poll_interval}
+
+
+class ByteRates:
+    """Upstream's send/receive rate histograms, from changed records only.
+
+    Upstream sums bytes_sent over every socket each second; here each connection's counters are
+    remembered when it is reported, and a second's rate is the sum of the increases seen in it.
+    Counters only move when a connection does, and any transfer changes the compared fields, so the
+    totals agree without visiting idle sockets.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[int, int]] = {}
+        self.sent = 0
+        self.received = 0
+
+    def update(self, cookie: int, info: bytes | None) -> None:
+        if info is None or len(info) < _BYTES_SENT_AT + 8:
+            return
+        sent = _U64.unpack_from(info, _BYTES_SENT_AT)[0]
+        received = _U64.unpack_from(info, _BYTES_RECEIVED_AT)[0]
+        old_sent, old_received = self._last.get(cookie, (0, 0))
+        self._last[cookie] = (sent, received)
+        self.sent += max(sent - old_sent, 0)
+        self.received += max(received - old_received, 0)
+
+    def forget(self, cookie: int) -> None:
+        self._last.pop(cookie, None)
+
+    def report(self) -> None:
+        metrics.SEND_RATE.observe(8 * self.sent)
+        metrics.RECEIVE_RATE.observe(8 * self.received)
+        self.sent = self.received = 0
+
+
+class Collector:
+    """Runs polls at the target interval until told to stop, then shuts down cleanly."""
+
+    def __init__(self, poller: Poller, saver: Saver, events, prefix: str,
+                 poll_interval_ns: int, anonymize: Anonymizer | None = None,
+                 counted_ports: frozenset[int] = frozenset()) -> None:
+        self._poller = poller
+        self._saver = saver
+        self._events = events
+        self._prefix = prefix
+        self._interval = poll_interval_ns
+        self._anonymize = anonymize
+        self._counted_ports = counted_ports
+        self._port_of: dict[int, int] = {}
+        self._rates = ByteRates()
+        self._stopping = False
+        self._logged: dict[str, int] = {}
+        self.polls = 0
+
+    def stop(self, *_signal_args) -> None:
+        """Ends the loop after the current poll (signal handler)."""
+        self._stopping = True
+
+    def run(self, reps: int = 0) -> None:
+        """Polls `reps` times (0: until SIGTERM/SIGINT), then flushes and closes everything."""
+        previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._loop(reps)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._shutdown()
+
+    def _loop(self, reps: int) -> None:
+        """Go-ticker cadence: a late poll is followed at once by the next, never by a burst."""
+        next_start = started = time.monotonic_ns()
+        last_report_s = 0
+        while not self._stopping and (reps == 0 or self.polls < reps):
+            self.poll_once()
+            now = time.monotonic_ns()
+            metrics.POLLING_INTERVAL.observe((now - started) / NS)
+            metrics.POLL_INTERVAL_ACHIEVED.set((now - started) / NS)
+            started = now
+            wall_s = time.time_ns() // NS
+            if wall_s != last_report_s:
+                self._report()
+                last_report_s = wall_s
+            next_start = max(next_start + self._interval, now)
+            if not self._stopping and next_start > now:
+                time.sleep((next_start - now) / NS)
+
+    def poll_once(self) -> PollResult:
+        """One poll: archive what changed, announce what opened and closed, flush what is due."""
+        result = self._poller.poll()
+        self.polls += 1
+        saver, events, prefix, anonymize = self._saver, self._events, self._prefix, self._anonymize
+        rates, counted = self._rates, self._counted_ports
+        new = 0
+        for payload, cookie, _family, kind, ts in result.changes:
+            if kind == PREVIOUS_WAS_NIL:
+                new += 1
+                events.flow_created(ts, make_uuid(prefix, cookie), payload)
+                if counted:
+                    self._count_port(cookie, payload)
+            try:
+                idm, attributes = split_message(payload)
+                if anonymize is not None:
+                    idm = anonymize(idm)
+            except ValueError as err:
+                self._log_limited("malformed", "Skipping a record that cannot be archived: %s", err)
+                metrics.DROPPED_RECORDS.labels(reason="malformed").inc()
+                continue
+            saver.write(cookie, ts, encode_record(ts, idm, attributes))
+            rates.update(cookie, attributes[INFO] if len(attributes) > INFO else None)
+        now_ns = time.time_ns()
+        for payload, cookie, *_ in result.vanished:
+            events.flow_deleted(now_ns, make_uuid(prefix, cookie))
+            saver.close_connection(cookie, now_ns)
+            rates.update(cookie, _info_of(payload))
+            rates.forget(cookie)
+            port = self._port_of.pop(cookie, None)
+            if port is not None:
+                metrics.PORT_CONNECTIONS.labels(port=str(port)).dec()
+        saver.flush_due(now_ns)
+        self._count(result, new)
+        return result
+
+    def _count_port(self, cookie: int, payload: bytes) -> None:
+        port = int.from_bytes(payload[4:6], "big")
+        if port in self._counted_ports:
+            self._port_of[cookie] = port
+            metrics.PORT_CONNECTIONS.labels(port=str(port)).inc()
+
+    def _count(self, result: PollResult, new: int) -> None:
+        """Per-poll metrics; all O(1) except the per-family loop of two."""
+        changes = len(result.changes)
+        metrics.SNAPSHOTS.inc(changes)
+        metrics.CACHE.labels(op="new").inc(new)
+        metrics.CACHE.labels(op="changed").inc(changes - new)
+        metrics.CACHE.labels(op="expired").inc(len(result.vanished))
+        metrics.CACHE_COUNT.observe(result.tracked)
+        for family, stats in ((socket.AF_INET6, result.inet6), (socket.AF_INET, result.inet)):
+            self._count_family(family, stats)
+
+    def _count_family(self, family: int, stats: FamilyStats) -> None:
+        af = metrics.AF_LABELS[family]
+        metrics.SYSCALL_TIME.labels(af=af).observe(stats.duration_ns / NS)
+        metrics.CONNECTION_COUNT.labels(af=af).observe(stats.messages)
+        metrics.CACHE.labels(op="total").inc(stats.messages - stats.excluded - stats.bad)
+        if stats.error is not None:
+            # The core's "out of memory" has no metric label of its own yet.
+            reason = stats.error if stats.error in metrics.DUMP_ERROR_REASONS else "syscall"
+            metrics.count_dump_error(family, reason)
+            self._log_limited(f"{af} {stats.error}", "The %s dump failed (%s, errno %d); its "
+                              "connections are kept until a dump succeeds", af, stats.error,
+                              stats.errno)
+        if stats.interrupted:
+            metrics.count_dump_error(family, "interrupted")
+
+    def _report(self) -> None:
+        """Once a second: gauges and upstream's byte-rate histograms."""
+        metrics.OPEN_CONNECTIONS.set(self._saver.open_connections)
+        metrics.BUFFERED_BYTES.set(self._saver.buffered_bytes)
+        self._rates.report()
+
+    def _log_limited(self, key: str, message: str, *args) -> None:
+        """Logs a recurring problem at most once a minute (upstream issue #121: hot-path logging)."""
+        now = time.monotonic_ns()
+        if now - self._logged.get(key, -LOG_EVERY_NS) >= LOG_EVERY_NS:
+            self._logged[key] = now
+            log.warning(message, *args)
+
+    def _shutdown(self) -> None:
+        """Closes every flow for event clients, writes every buffer, releases the kernel socket."""
+        now_ns = time.time_ns()
+        open_cookies = self._saver.cookies()
+        log.info("Stopping after %d polls; %d connections open, %d bytes to write", self.polls,
+                 len(open_cookies), self._saver.buffered_bytes)
+        for cookie in open_cookies:
+            self._events.flow_deleted(now_ns, make_uuid(self._prefix, cookie))
+        self._saver.close(now_ns)
+        self._events.close()
+        self._poller.close()
+        metrics.BUFFERED_BYTES.set(0)
+
+
+def _info_of(payload: bytes) -> bytes | None:
+    """The INFO attribute of a vanished socket's last snapshot (its final byte counters)."""
+    try:
+        _, attributes = split_message(payload)
+    except ValueError:
+        return None
+    return attributes[INFO] if len(attributes) > INFO else None
