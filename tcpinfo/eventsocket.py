@@ -70,7 +70,7 @@ class _Client:
     """One connected reader: its socket, its bounded queue and what it may be told."""
 
     def __init__(self, sock: socket.socket, cond: threading.Condition, opened_after: int,
-                 replay: list[tuple[int, bytes, str]]) -> None:
+                 replay: list[tuple[int, str, bytes]]) -> None:
         self.sock = sock
         self.cond = cond
         self.queue: deque[bytes] = deque()
@@ -217,7 +217,7 @@ class EventServer:
                     return
                 replay = []
                 if self.replay:
-                    replay = [(ts, idm, uuid) for uuid, (_, ts, idm) in self._open.items()]
+                    replay = [(ts, uuid, idm) for uuid, (_, ts, idm) in self._open.items()]
                 client = _Client(sock, threading.Condition(self._lock),
                                  0 if self.replay else self._seq, replay)
                 self._clients.add(client)

@@ -1,0 +1,356 @@
+"""The event socket, against real client processes: bytes, ordering, slow clients, the socket file."""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+from prometheus_client import REGISTRY
+
+from tcpinfo import eventclient
+from tcpinfo.eventsocket import EventServer, NullServer, close_line, open_line
+from tcpinfo.record import decode_line, parse_time
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+NDT_UUID = "ndt-7hhhv_1559749627_0000000000062D84"
+# UPSTREAM.md section 8, verbatim: what upstream sends for the first record of the NDT archive.
+NDT_OPEN = (b'{"Event":0,"Timestamp":"2019-07-01T00:00:12.092Z",'
+            b'"UUID":"ndt-7hhhv_1559749627_0000000000062D84","ID":{"SPort":33475,"DPort":49730,'
+            b'"SrcIP":"63.243.240.101","DstIP":"172.251.23.202","Interface":0,"Cookie":404868}}\n')
+NDT_CLOSE = (b'{"Event":1,"Timestamp":"2019-07-01T00:00:22.8Z",'
+             b'"UUID":"ndt-7hhhv_1559749627_0000000000062D84","ID":null}\n')
+
+# A client process that copies everything the server sends to stdout until EOF.
+RAW_READER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+while chunk := s.recv(65536):
+    sys.stdout.buffer.write(chunk)
+"""
+# A client process that connects and never reads.
+STUCK_READER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+time.sleep(60)
+"""
+
+
+@pytest.fixture(scope="module")
+def ndt_record():
+    """(timestamp ns, raw IDM) of the NDT archive's first snapshot."""
+    path = TESTDATA / "mlab" / "ndt-7hhhv_1559749627_0000000000062D84.00000.jsonl.zst"
+    with zstandard.ZstdDecompressor().stream_reader(path.open("rb")) as reader:
+        head = reader.read(1 << 16)
+    rec = decode_line(head.split(b"\n")[1])
+    return rec.ts_ns, rec.raw_idm
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "tcpevents.sock")
+
+
+@pytest.fixture
+def processes():
+    """Client processes, killed at the end of the test whatever happens."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def spawn(processes, *args: str) -> subprocess.Popen:
+    """Starts a client; its output goes to files, so it never blocks on a full pipe."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=REPO)
+    proc.captured = (out, err)
+    processes.append(proc)
+    return proc
+
+
+def output(proc: subprocess.Popen) -> tuple[bytes, str]:
+    """Waits for a client to see EOF and exit; returns its stdout and stderr."""
+    proc.wait(timeout=30)
+    out, err = proc.captured
+    out.seek(0)
+    err.seek(0)
+    return out.read(), err.read().decode()
+
+
+def wait_for_clients(server: EventServer, n: int) -> None:
+    """Connecting finishes before the server accepts; events only reach accepted clients."""
+    deadline = time.monotonic() + 10
+    while server.client_count != n:
+        assert time.monotonic() < deadline, f"{server.client_count} clients, expected {n}"
+        time.sleep(0.01)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def started(path: str, **kw) -> EventServer:
+    server = EventServer(path, **kw)
+    server.start()
+    return server
+
+
+def test_client_process_receives_open_then_close_bytes_as_upstream(sock_path, processes,
+                                                                    ndt_record):
+    ts_ns, idm = ndt_record
+    server = started(sock_path)
+    reader = spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
+    wait_for_clients(server, 1)
+    opens, closes = metric("tcpinfo_flow_events_total", event="open"), \
+        metric("tcpinfo_flow_events_total", event="close")
+
+    server.flow_created(ts_ns, NDT_UUID, idm)
+    server.flow_deleted(parse_time("2019-07-01T00:00:22.8Z")[0], NDT_UUID)
+    server.close()
+
+    out, err = output(reader)
+    assert out == NDT_OPEN + NDT_CLOSE, err
+    assert metric("tcpinfo_flow_events_total", event="open") == opens + 1
+    assert metric("tcpinfo_flow_events_total", event="close") == closes + 1
+
+
+def test_example_client_prints_open_then_close(sock_path, processes, ndt_record):
+    ts_ns, idm = ndt_record
+    server = started(sock_path)
+    client = spawn(processes, sys.executable, "cmd/eventsocket_client.py",
+                   "-tcpinfo.eventsocket", sock_path)
+    wait_for_clients(server, 1)
+    server.flow_created(ts_ns, NDT_UUID, idm)
+    server.flow_deleted(ts_ns + 10_708_000_000, NDT_UUID)
+    server.close()
+
+    out, err = output(client)
+    assert client.returncode == 0, err
+    assert out.decode().splitlines() == [
+        f"Open 2019-07-01T00:00:12.092000+00:00 {NDT_UUID} "
+        '{"SPort":33475,"DPort":49730,"SrcIP":"63.243.240.101","DstIP":"172.251.23.202",'
+        '"Interface":0,"Cookie":404868}',
+        f"Close 2019-07-01T00:00:22.800000+00:00 {NDT_UUID}",
+    ]
+
+
+def test_example_client_exits_with_a_clear_error_when_the_socket_is_missing(sock_path):
+    proc = subprocess.run([sys.executable, "cmd/eventsocket_client.py",
+                           f"-tcpinfo.eventsocket={sock_path}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert proc.returncode == 1
+    assert f"no event socket at {sock_path}" in proc.stderr
+
+
+def test_stuck_client_neither_slows_the_producer_nor_starves_another_client(
+        sock_path, processes, ndt_record):
+    ts_ns, idm = ndt_record
+    server = started(sock_path)  # default queue limit: 10000 events
+    stuck = spawn(processes, sys.executable, "-c", STUCK_READER, sock_path)
+    wait_for_clients(server, 1)
+    reader = spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
+    wait_for_clients(server, 2)
+    drops, disconnects = metric("tcpinfo_event_drops_total"), \
+        metric("tcpinfo_event_disconnects_total")
+
+    expected = []
+    slowest = 0.0
+    for i in range(15000):
+        uuid = f"{NDT_UUID[:-16]}{i:016X}"
+        t0 = time.perf_counter()
+        server.flow_created(ts_ns + i, uuid, idm)
+        server.flow_deleted(ts_ns + i + 1, uuid)
+        slowest = max(slowest, time.perf_counter() - t0)
+        expected += [open_line(ts_ns + i, uuid, idm), close_line(ts_ns + i + 1, uuid)]
+        if i % 200 == 0:
+            time.sleep(0.002)  # a real collector produces in bursts, one per poll
+    # A blocking write would hang for good; 50 ms only allows for scheduling noise.
+    assert slowest < 0.05
+    assert server.client_count == 1, "the stuck client was not disconnected"
+    server.close()
+
+    out, err = output(reader)
+    assert out == b"".join(expected), err
+    assert metric("tcpinfo_event_disconnects_total") == disconnects + 1
+    assert metric("tcpinfo_event_drops_total") > drops
+    assert stuck.poll() is None  # it was cut off, not waited for
+
+
+def test_client_connecting_after_an_open_never_gets_its_close(sock_path, processes, ndt_record):
+    ts_ns, idm = ndt_record
+    server = started(sock_path)
+    server.flow_created(ts_ns, "early", idm)
+    reader = spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
+    wait_for_clients(server, 1)
+    server.flow_deleted(ts_ns + 1, "early")
+    server.flow_created(ts_ns + 2, "late", idm)
+    server.flow_deleted(ts_ns + 3, "late")
+    server.flow_deleted(ts_ns + 4, "never-opened")
+    server.close()
+
+    out, _ = output(reader)
+    assert out == open_line(ts_ns + 2, "late", idm) + close_line(ts_ns + 3, "late")
+
+
+def test_replay_sends_open_flows_to_a_new_client_before_live_events(sock_path, processes,
+                                                                    ndt_record):
+    ts_ns, idm = ndt_record
+    server = started(sock_path, replay=True)
+    server.flow_created(ts_ns, "gone", idm)
+    server.flow_created(ts_ns + 1, "open", idm)
+    server.flow_deleted(ts_ns + 2, "gone")
+    reader = spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
+    wait_for_clients(server, 1)
+    server.flow_deleted(ts_ns + 3, "open")
+    server.flow_created(ts_ns + 4, "new", idm)
+    server.close()
+
+    out, _ = output(reader)
+    assert out == (open_line(ts_ns + 1, "open", idm) + close_line(ts_ns + 3, "open")
+                   + open_line(ts_ns + 4, "new", idm))
+
+
+def test_stale_socket_is_replaced(sock_path, processes):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock_path)  # bound and never listened on: what a killed collector leaves
+    stale.close()
+    server = started(sock_path)
+    reader = spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
+    wait_for_clients(server, 1)
+    server.close()
+
+
+def test_socket_of_a_running_server_is_not_taken_over(sock_path):
+    server = started(sock_path)
+    try:
+        with pytest.raises(FileExistsError, match="in use"):
+            started(sock_path)
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+    finally:
+        server.close()
+
+
+def test_non_socket_path_is_refused_and_left_intact(sock_path):
+    Path(sock_path).write_text("precious")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        started(sock_path)
+    assert Path(sock_path).read_text() == "precious"
+
+
+def test_socket_is_removed_on_close(sock_path):
+    server = started(sock_path)
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+    server.close()
+    assert not os.path.lexists(sock_path)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o666])
+def test_socket_mode_is_applied(sock_path, mode):
+    server = started(sock_path, mode=mode)
+    try:
+        assert stat.S_IMODE(os.lstat(sock_path).st_mode) == mode
+    finally:
+        server.close()
+
+
+def test_client_count_metric_follows_connects_and_disconnects(sock_path, processes):
+    before = metric("tcpinfo_event_clients")
+    server = started(sock_path)
+    spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
+    wait_for_clients(server, 1)
+    assert metric("tcpinfo_event_clients") == before + 1
+    server.close()
+    assert metric("tcpinfo_event_clients") == before
+
+
+def test_null_server_accepts_every_call_and_creates_nothing(sock_path, ndt_record):
+    server = NullServer()
+    server.start()
+    server.flow_created(ndt_record[0], NDT_UUID, ndt_record[1])
+    server.flow_deleted(ndt_record[0], NDT_UUID)
+    server.close()
+    assert not os.path.lexists(sock_path)
+
+
+class Recorder:
+    """A Handler that remembers what it was called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def open(self, ts, uuid, sockid) -> None:
+        self.calls.append(("open", ts.isoformat(), uuid, sockid))
+
+    def close(self, ts, uuid) -> None:
+        self.calls.append(("close", ts.isoformat(), uuid))
+
+
+def serve_lines(path: str, payload: bytes) -> threading.Thread:
+    """A bare server that sends `payload` to its first client and hangs up."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def send() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.sendall(payload)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def test_client_library_dispatches_and_skips_unknown_event_types(sock_path, ndt_record):
+    ts_ns, idm = ndt_record
+    unknown = b'{"Event":7,"Timestamp":"2019-07-01T00:00:13Z","UUID":"x","ID":null}\n'
+    sender = serve_lines(sock_path, NDT_OPEN + unknown + NDT_CLOSE)
+    handler = Recorder()
+    eventclient.run(sock_path, handler)
+    sender.join()
+    assert handler.calls == [
+        ("open", "2019-07-01T00:00:12.092000+00:00", NDT_UUID,
+         {"SPort": 33475, "DPort": 49730, "SrcIP": "63.243.240.101",
+          "DstIP": "172.251.23.202", "Interface": 0, "Cookie": 404868}),
+        ("close", "2019-07-01T00:00:22.800000+00:00", NDT_UUID),
+    ]
+
+
+def test_client_library_keeps_the_senders_time_zone():
+    assert eventclient.event_time("2019-08-26T19:55:42.754686952-04:00").isoformat() == \
+        "2019-08-26T19:55:42.754686-04:00"
+
+
+def test_client_library_rejects_a_malformed_line(sock_path):
+    sender = serve_lines(sock_path, b"not json\n")
+    with pytest.raises(ValueError, match="malformed event line"):
+        eventclient.run(sock_path, Recorder())
+    sender.join()
+
+
+def test_client_library_returns_when_stop_is_set(sock_path):
+    server = started(sock_path)
+    stop = threading.Event()
+    runner = threading.Thread(target=eventclient.run, args=(sock_path, Recorder(), stop))
+    runner.start()
+    wait_for_clients(server, 1)
+    stop.set()
+    runner.join(timeout=5)
+    assert not runner.is_alive()
+    server.close()
+
+
+def test_client_library_names_the_missing_socket(sock_path):
+    with pytest.raises(FileNotFoundError, match="no event socket at .*tcpevents.sock"):
+        eventclient.run(sock_path, Recorder())
