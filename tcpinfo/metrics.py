@@ -203,7 +203,10 @@ def parse_listen_address(listen_address: str) -> tuple[str, int]:
                          f"e.g. ':9990', '127.0.0.1:9990' or '[::1]:9990'")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        ipaddress.IPv6Address(host.split("%")[0])  # ValueError if not an IPv6 literal
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as err:
+            raise ValueError(f"bad listen address {listen_address!r}: {err}") from None
     elif ":" in host:
         raise ValueError(f"bad listen address {listen_address!r}: "
                          f"an IPv6 host must be in brackets, e.g. '[::1]:9990'")
