@@ -116,7 +116,9 @@ class Collector:
         next_start = started = time.monotonic_ns()
         last_report_s = 0
         while not self._stopping and (reps == 0 or self.polls < reps):
-            self.poll_once()
+            result = self.poll_once()
+            if self.polls == 1:
+                log.info("First poll done: %d connections tracked", result.tracked)
             now = time.monotonic_ns()
             metrics.POLLING_INTERVAL.observe((now - started) / NS)
             metrics.POLL_INTERVAL_ACHIEVED.set((now - started) / NS)

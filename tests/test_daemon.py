@@ -1,0 +1,274 @@
+"""The real `tcp-info` daemon in a network namespace, with real connections and traffic."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tcpinfo.record import DecodedLine, decode_line, parse_time
+from tcpinfo.tcp import decode_tcp_info
+from topology import cookie_of, run
+
+PREFIX = "test-host_1700000000"
+
+
+def read_archive(path: Path) -> list[DecodedLine]:
+    """Every line of a multi-frame .jsonl.zst file."""
+    with open(path, "rb") as f:
+        data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
+    return [decode_line(line) for line in data.splitlines()]
+
+
+def archives(root: Path) -> dict[str, list[Path]]:
+    """Archive files by UUID, in sequence order."""
+    series: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*.jsonl.zst"), key=lambda p: p.name):
+        series.setdefault(path.name.split(".")[0], []).append(path)
+    return series
+
+
+def records(root: Path, cookie: int) -> list[DecodedLine]:
+    """The data records (headers left out) of one connection, across its files."""
+    lines: list[DecodedLine] = []
+    for path in archives(root).get(f"{PREFIX}_{cookie:016X}", []):
+        lines += [line for line in read_archive(path) if line.raw_idm is not None]
+    return lines
+
+
+def uuid_of(sock: socket.socket) -> str:
+    return f"{PREFIX}_{cookie_of(sock):016X}"
+
+
+class Daemon:
+    """tcp-info running in a namespace, its stderr in a file in `workdir`."""
+
+    def __init__(self, workdir: Path, topo, ns: str, out: Path, *flags: str,
+                 env: dict | None = None) -> None:
+        prefix_file = workdir / "prefix"
+        prefix_file.write_text(PREFIX)
+        self.log = workdir / f"tcp-info.{len(list(workdir.glob('*.log')))}.log"
+        with open(self.log, "ab") as log:
+            self.proc = topo.popen(ns, "tcp-info", "-output", str(out), "-uuid-prefix-file",
+                                   str(prefix_file), "-prometheusx.listen-address=", *flags,
+                                   stdout=subprocess.DEVNULL, stderr=log, env=env)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.text():
+            assert self.proc.poll() is None, f"tcp-info exited:\n{self.text()}"
+            assert time.monotonic() < deadline, f"never logged {text!r}:\n{self.text()}"
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    started: list[Daemon] = []
+
+    def start(*args, **kw) -> Daemon:
+        started.append(Daemon(tmp_path, *args, **kw))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.02)
+
+
+def test_each_connection_gets_one_archive_series_with_header_and_records(testnet, tmp_path,
+                                                                         daemons):
+    held = [testnet.connect(socket.AF_INET), testnet.connect(socket.AF_INET6)]
+    conns = [client for client, _, _ in held]
+    out = tmp_path / "out"
+    daemon = daemons(testnet, testnet.ns_a, out, "-reps=20")
+    assert daemon.proc.wait(10) == 0, daemon.text()
+
+    assert set(archives(out)) == {uuid_of(c) for c in conns}
+    for client in conns:
+        (path,) = archives(out)[uuid_of(client)]
+        assert path.name == f"{uuid_of(client)}.00000.jsonl.zst"
+        header, *data = read_archive(path)
+        assert header.raw_idm is None and header.attributes is None
+        meta = header.metadata
+        assert list(meta)[:3] == ["UUID", "Sequence", "StartTime"]
+        assert (meta["UUID"], meta["Sequence"]) == (uuid_of(client), 0)
+        assert parse_time(meta["StartTime"])[0] == data[0].ts_ns
+        assert meta["TCPInfoLength"] == len(data[0].attributes[2])
+        assert meta["PollInterval"] == "10ms" and meta["KernelRelease"] == os.uname().release
+        start = time.gmtime(data[0].ts_ns // 10**9)
+        assert path.parent.relative_to(out) == Path(time.strftime("%Y/%m/%d", start))
+        assert data and all(struct.unpack_from("<Q", d.raw_idm, 44)[0] == cookie_of(client)
+                            for d in data)
+
+
+def test_sending_data_adds_records_and_an_idle_connection_adds_none(testnet, tmp_path,
+                                                                    daemons):
+    held = [testnet.connect(), testnet.connect()]
+    busy, idle = held[0][0], held[1][0]
+    time.sleep(0.1)  # handshakes and their ACKs are over
+    out = tmp_path / "out"
+    daemon = daemons(testnet, testnet.ns_a, out, "-flush-age=20ms")
+    wait_until(lambda: len(archives(out)) == 2)
+    before = len(records(out, cookie_of(busy)))
+    for _ in range(5):
+        busy.sendall(b"x" * 1000)
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert daemon.stop() == 0, daemon.text()
+
+    assert len(records(out, cookie_of(busy))) > before
+    assert len(records(out, cookie_of(idle))) == 1
+
+
+def test_excluded_ports_destinations_and_local_addresses_produce_no_files(testnet, tmp_path,
+                                                                          daemons):
+    excluded_port = testnet.listen(socket.AF_INET)
+    kept_port = testnet.listen(socket.AF_INET)
+    kept_port6 = testnet.listen(socket.AF_INET6, kept_port.getsockname()[1])
+    held = [testnet.connect(family, listener=listener) for family, listener in
+            ((socket.AF_INET, excluded_port), (socket.AF_INET, kept_port),
+             (socket.AF_INET6, kept_port6))]
+    by_port, kept, by_dstip = (server for _, server, _ in held)
+    with testnet.inside(testnet.ns_b):
+        loop_listener = socket.create_server(("127.0.0.1", 0))
+        loop_client = socket.create_connection(loop_listener.getsockname())
+        loop_server = loop_listener.accept()[0]
+    out = tmp_path / "out"
+    daemon = daemons(testnet, testnet.ns_b, out, "-reps=10",
+                     f"-exclude-srcport=1,{excluded_port.getsockname()[1]}",
+                     "-exclude-dstip", testnet.a6)
+    assert daemon.proc.wait(10) == 0, daemon.text()
+    assert set(archives(out)) == {uuid_of(kept)}
+
+    everything = tmp_path / "everything"
+    daemon = daemons(testnet, testnet.ns_b, everything, "-reps=10", "-exclude-local=false")
+    assert daemon.proc.wait(10) == 0, daemon.text()
+    assert set(archives(everything)) >= {uuid_of(s) for s in (by_port, kept, by_dstip,
+                                                                loop_client, loop_server)}
+
+
+def _addresses(raw_idm: bytes) -> tuple[ipaddress._BaseAddress, ipaddress._BaseAddress]:
+    if raw_idm[0] == socket.AF_INET:
+        return ipaddress.ip_address(raw_idm[8:12]), ipaddress.ip_address(raw_idm[24:28])
+    return ipaddress.ip_address(raw_idm[8:24]), ipaddress.ip_address(raw_idm[24:40])
+
+
+def test_netblock_anonymizes_the_remote_address_and_keeps_the_hosts_own(testnet, tmp_path,
+                                                                        daemons):
+    held = [testnet.connect(socket.AF_INET), testnet.connect(socket.AF_INET6)]
+    v4, v6 = (server for _, server, _ in held)
+    with testnet.inside(testnet.ns_b):   # dual stack: an IPv4 peer seen as ::ffff:198.18.0.1
+        dual = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    with testnet.inside(testnet.ns_a):
+        dual_client = socket.create_connection((testnet.b4, dual.getsockname()[1]))
+    mapped = dual.accept()[0]
+    out = tmp_path / "out"
+    daemon = daemons(testnet, testnet.ns_b, out, "-reps=10", "-anonymize.ip=netblock")
+    assert daemon.proc.wait(10) == 0, daemon.text()
+
+    expect = {v4: ("198.18.0.2", "198.18.0.0"), v6: ("fd00:18::2", "fd00:18::"),
+              mapped: ("::ffff:198.18.0.2", "::ffff:198.18.0.0")}
+    for sock, (src, dst) in expect.items():
+        for rec in records(out, cookie_of(sock)):
+            assert _addresses(rec.raw_idm) == (ipaddress.ip_address(src), ipaddress.ip_address(dst))
+            assert rec.raw_idm[4:6] == struct.pack(">H", sock.getsockname()[1])
+            assert rec.raw_idm[6:8] == struct.pack(">H", sock.getpeername()[1])
+
+
+def test_sigterm_leaves_every_file_complete_with_the_latest_records(testnet, tmp_path, daemons):
+    held = [testnet.connect(family) for family in (socket.AF_INET, socket.AF_INET6) * 3]
+    clients = [(client, server) for client, server, _ in held]
+    out = tmp_path / "out"
+    daemon = daemons(testnet, testnet.ns_a, out)   # default flush age: nothing written yet
+    daemon.wait_for("First poll done")
+    for i, (client, server) in enumerate(clients):
+        client.sendall(b"y" * (1000 * (i + 1)))
+        server.recv(65536)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert daemon.stop() == 0, daemon.text()
+    assert time.monotonic() - started < 3
+
+    files = list(out.rglob("*.jsonl.zst"))
+    assert len(files) == len(clients)
+    run("zstd", "-t", "-q", *map(str, files))
+    for i, (client, _) in enumerate(clients):
+        last = records(out, cookie_of(client))[-1]
+        assert decode_tcp_info(last.attributes[2])["bytes_acked"] == 1000 * (i + 1) + 1  # +SYN
+
+
+def test_restart_appends_a_new_sequence_and_never_truncates(testnet, tmp_path, daemons):
+    client, *held = testnet.connect()
+    out = tmp_path / "out"
+    assert daemons(testnet, testnet.ns_a, out, "-reps=5").proc.wait(10) == 0
+    (first,) = archives(out)[uuid_of(client)]
+    first_bytes = first.read_bytes()
+    assert daemons(testnet, testnet.ns_a, out, "-reps=5").proc.wait(10) == 0
+
+    old, new = archives(out)[uuid_of(client)]
+    assert old == first and old.read_bytes() == first_bytes
+    assert new.name == f"{uuid_of(client)}.00001.jsonl.zst"
+    header = read_archive(new)[0].metadata
+    assert (header["UUID"], header["Sequence"]) == (uuid_of(client), 1)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs, mounted for the test and removed after it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount))
+    yield mount
+    run("umount", "-l", str(mount))
+
+
+def test_full_disk_is_survived_and_writing_resumes_when_space_returns(testnet, tiny_disk,
+                                                                        daemons):
+    out = tiny_disk / "out"
+    out.mkdir()
+    filler = tiny_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(os.urandom(4096))
+        except OSError:
+            pass
+    client, server, _ = testnet.connect()
+    daemon = daemons(testnet, testnet.ns_a, out, "-flush-age=20ms")
+    daemon.wait_for("Cannot write archives")
+    for _ in range(5):
+        client.sendall(b"z" * 100)
+        time.sleep(0.05)
+    assert daemon.proc.poll() is None
+    assert daemon.text().count("Cannot write archives") == 1    # logged once per cause
+
+    filler.unlink()
+    daemon.wait_for("Archive writes work again")
+    wait_until(lambda: len(records(tiny_disk / "out", cookie_of(client))) > 1)
+    assert daemon.stop() == 0, daemon.text()
+    run("zstd", "-t", "-q", *map(str, out.rglob("*.jsonl.zst")))
