@@ -190,8 +190,9 @@ class EventServer:
                     os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        deadline = time.monotonic() + _DRAIN_SECONDS
         for writer in writers:
-            writer.join(_DRAIN_SECONDS)
+            writer.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             for client in list(self._clients):
                 self._disconnect(client)

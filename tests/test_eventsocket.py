@@ -188,6 +188,19 @@ def test_stuck_client_neither_slows_the_producer_nor_starves_another_client(
     assert stuck.poll() is None  # it was cut off, not waited for
 
 
+def test_close_does_not_wait_long_for_a_stuck_client(sock_path, processes, ndt_record):
+    ts_ns, idm = ndt_record
+    server = started(sock_path)
+    spawn(processes, sys.executable, "-c", STUCK_READER, sock_path)
+    wait_for_clients(server, 1)
+    for i in range(5000):  # more than the kernel buffers hold: its writer is blocked
+        server.flow_created(ts_ns, f"flow{i}", idm)
+    t0 = time.monotonic()
+    server.close()
+    assert time.monotonic() - t0 < 3
+    assert server.client_count == 0
+
+
 def test_client_connecting_after_an_open_never_gets_its_close(sock_path, processes, ndt_record):
     ts_ns, idm = ndt_record
     server = started(sock_path)
