@@ -1,0 +1,127 @@
+"""tcp-info's flags: upstream's Go syntax and env fallback, but invalid values are fatal."""
+import os
+import subprocess
+
+import pytest
+
+from tcpinfo import flags
+from tcpinfo.flags import FlagError, HelpRequested, parse
+
+
+def test_go_syntax_single_and_double_dash_with_equals_or_separate_value():
+    config = parse(["-output=/a", "--reps", "7", "--anonymize.ip=netblock",
+                    "-tcpinfo.eventsocket", "/s"], {})
+    assert (config.output, config.reps, config.anonymize_ip, config.eventsocket) == \
+        ("/a", 7, "netblock", "/s")
+
+
+def test_bool_flags_take_no_separate_value_so_the_next_word_ends_parsing():
+    config = parse(["-trace", "true", "-reps=3"], {})
+    assert config.trace is True and config.reps == 0
+    assert "Ignoring arguments after the flags: true -reps=3" in config.notes
+    assert parse(["-trace=false"], {}).trace is False
+    assert parse(["-exclude-local=F"], {}).exclude_local is False
+
+
+def test_double_dash_ends_flags():
+    assert parse(["--", "-reps=3"], {}).reps == 0
+
+
+def test_list_flags_repeat_and_split_on_commas():
+    config = parse(["-exclude-srcport=9100,9990", "-exclude-srcport", "65535",
+                    "-exclude-dstip=10.0.0.1,::ffff:10.0.0.2", "-exclude-dstip", "fd00::1"], {})
+    assert config.exclude_srcport == [9100, 9990, 65535]
+    assert config.exclude_dstip == ["10.0.0.1", "::ffff:a00:2", "fd00::1"]
+
+
+@pytest.mark.parametrize("text,value", [("010", 8), ("0x10", 16), ("0o17", 15), ("0b101", 5),
+                                        ("1_000", 1000), ("+5", 5), ("0", 0)])
+def test_reps_parses_like_go_base_zero(text, value):
+    assert parse([f"-reps={text}"], {}).reps == value
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-reps=08"], "invalid value '08' for flag -reps"),
+    (["-reps=1__0"], "invalid value '1__0' for flag -reps"),
+    (["-reps= 5"], "invalid value ' 5' for flag -reps"),
+    (["-reps=-1"], "invalid value '-1' for flag -reps"),
+    (["-trace=yes"], "invalid value 'yes' for flag -trace"),
+    (["-exclude-srcport=65536"], "cannot convert port '65536'"),
+    (["-exclude-srcport=-1"], "cannot convert port '-1'"),
+    (["-exclude-dstip=10.0.0.256"], "cannot convert ip '10.0.0.256'"),
+    (["-anonymize.ip=bogus"], "unknown anonymization method 'bogus'"),
+    (["-poll-interval=10"], "invalid value '10' for flag -poll-interval"),
+    (["-flush-size=0"], "invalid value '0' for flag -flush-size"),
+    (["-flush-size=2MiB"], "want -flush-size <= -conn-buffer-limit <= -buffer-limit"),
+    (["-prometheusx.listen-address=9990"], "bad listen address '9990'"),
+    (["-uuid-prefix-file=/nonexistent/prefix"], "No such file or directory"),
+    (["-nosuch"], "flag provided but not defined: -nosuch"),
+    (["-reps"], "flag needs an argument: -reps"),
+    (["---reps=1"], "bad flag syntax: ---reps=1"),
+])
+def test_invalid_command_line_values_are_errors(argv, message):
+    with pytest.raises(FlagError, match=message.replace("(", r"\(")):
+        parse(argv, {})
+
+
+def test_environment_fills_flags_not_given_using_upstreams_variable_names():
+    config = parse(["-reps=2"], {"REPS": "9", "OUTPUT": "/o", "EXCLUDE_SRCPORT": "1,2",
+                                 "PROMETHEUSX_LISTEN_ADDRESS": ":0", "TCPINFO_EVENTSOCKET": "/e",
+                                 "POLL_INTERVAL": "1.5ms", "TRACE": "1"})
+    assert (config.reps, config.output, config.exclude_srcport, config.listen_address,
+            config.eventsocket, config.poll_interval_ns, config.trace) == \
+        (2, "/o", [1, 2], ":0", "/e", 1_500_000, True)
+    assert "Not overriding flag -reps with environment variable REPS" in config.notes
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"ANONYMIZE_IP": "bogus"}, "environment variable ANONYMIZE_IP"),
+    ({"REPS": "ten"}, "environment variable REPS"),
+    ({"UUID_PREFIX_FILE": "/nonexistent"}, "-uuid-prefix-file"),
+    ({"EXCLUDE_DSTIP": "localhost"}, "environment variable EXCLUDE_DSTIP"),
+])
+def test_invalid_environment_values_are_errors_not_silently_ignored(env, message):
+    with pytest.raises(FlagError, match=message):
+        parse([], env)
+
+
+def test_uuid_prefix_file_is_taken_verbatim_trailing_newline_included(tmp_path):
+    path = tmp_path / "prefix"
+    path.write_bytes(b"mlab1-abc01_1553815964\n")
+    assert parse([f"-uuid-prefix-file={path}"], {}).uuid_prefix == "mlab1-abc01_1553815964\n"
+
+
+def test_shell_variable_names_follow_flagx():
+    assert flags.shell_variable_name("prometheusx.listen-address") == \
+        "PROMETHEUSX_LISTEN_ADDRESS"
+    assert flags.shell_variable_name("9lives") == "_9LIVES"
+
+
+def test_durations_parse_and_print_like_go():
+    assert flags.parse_duration("1h2m3.5s") == 3723_500_000_000
+    assert flags.parse_duration(".5ms") == 500_000
+    assert [flags.format_duration(ns) for ns in (10_000_000, 1_500, 600 * 10**9, 90 * 10**9)] == \
+        ["10ms", "1.5µs", "10m0s", "1m30s"]
+
+
+def test_help_is_requested_by_h_and_lists_every_flag_with_its_variable():
+    with pytest.raises(HelpRequested):
+        parse(["-h"], {})
+    text = flags.usage()
+    for flag in flags.FLAGS:
+        assert f"  -{flag.name}" in text and f"[env {flag.env}]" in text
+    assert "trace.pstats" in text
+
+
+@pytest.mark.parametrize("argv,env", [(["-reps=x"], {}), ([], {"ANONYMIZE_IP": "bogus"}),
+                                      (["-undefined"], {})])
+def test_the_daemon_exits_2_with_a_one_line_message(argv, env):
+    proc = subprocess.run(["tcp-info", *argv], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **env})
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "tcp-info: " in proc.stderr
+
+
+def test_the_daemon_prints_usage_and_exits_0_for_help():
+    proc = subprocess.run(["tcp-info", "-help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr.startswith("Usage of tcp-info:")
