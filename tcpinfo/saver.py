@@ -74,6 +74,8 @@ class Saver:
         self._root = root
         self._prefix = prefix
         self._limits = limits
+        self._flush_size = limits.flush_size      # the two limits checked on every write
+        self._total_limit = limits.total_limit
         self._extra = extra_metadata
         self._conns: dict[int, _Connection] = {}
         self._dirty: OrderedDict[_Connection, None] = OrderedDict()  # oldest pending line first
@@ -99,11 +101,8 @@ class Saver:
     def write(self, cookie: int, ts_ns: int, line: bytes) -> None:
         """Queues one record line (from encode_record) of a connection; its first line opens it."""
         conn = self._conns.get(cookie)
-        if conn is None:
-            conn = self._conns[cookie] = _Connection(cookie, ts_ns, self._day(ts_ns),
-                                                     ts_ns + self._limits.rotate_ns)
-        elif ts_ns >= conn.expires_ns:
-            self._rotate(conn, ts_ns)
+        if conn is None or ts_ns >= conn.expires_ns:
+            conn = self._open_or_rotate(cookie, conn, ts_ns)
         buf = conn.buf
         if buf is None:
             conn.buf = buf = bytearray(line)
@@ -112,10 +111,8 @@ class Saver:
         else:
             buf += line
         self._pending += len(line)
-        if len(buf) >= self._limits.flush_size:
-            self._flush_big(conn, ts_ns)
-        if self._pending > self._limits.total_limit:
-            self._relieve(ts_ns)
+        if len(buf) >= self._flush_size or self._pending > self._total_limit:
+            self._enforce_limits(conn, ts_ns)
 
     def close_connection(self, cookie: int, now_ns: int) -> None:
         """The connection is gone: write what it has pending and forget it.
@@ -162,19 +159,32 @@ class Saver:
             day = self._days[key] = time.strftime("%Y/%m/%d", time.gmtime(key * 86_400))
         return day
 
-    def _rotate(self, conn: _Connection, now_ns: int) -> None:
-        """Ends the current file and starts the next sequence, dated today, lasting from now.
+    def _open_or_rotate(self, cookie: int, conn: _Connection | None, ts_ns: int) -> _Connection:
+        """A connection's first record opens it; a record past its file's expiration rotates it.
 
-        Upstream adds the interval to the previous expiration, so after an idle hour every record
-        starts yet another file; counting from now gives one new file per interval of activity.
+        Rotation ends the current file and starts the next sequence, dated today, lasting from
+        now.  Upstream adds the interval to the previous expiration, so after an idle hour every
+        record starts yet another file; counting from now gives one new file per active interval.
         """
-        if conn.buf is not None and now_ns >= self._retry_ns:
-            self._flush(conn, now_ns)
+        if conn is None:
+            conn = self._conns[cookie] = _Connection(cookie, ts_ns, self._day(ts_ns),
+                                                     ts_ns + self._limits.rotate_ns)
+            return conn
+        if conn.buf is not None and ts_ns >= self._retry_ns:
+            self._flush(conn, ts_ns)
         if conn.started:
             conn.seq += 1
             conn.started = False
-        conn.day = self._day(now_ns)
-        conn.expires_ns = now_ns + self._limits.rotate_ns
+        conn.day = self._day(ts_ns)
+        conn.expires_ns = ts_ns + self._limits.rotate_ns
+        return conn
+
+    def _enforce_limits(self, conn: _Connection, now_ns: int) -> None:
+        """After an append: write a buffer that reached the flush size, relieve the global cap."""
+        if len(conn.buf) >= self._flush_size:  # type: ignore[arg-type]
+            self._flush_big(conn, now_ns)
+        if self._pending > self._total_limit:
+            self._relieve(now_ns)
 
     def _flush_big(self, conn: _Connection, now_ns: int) -> None:
         """A buffer reached the flush size: write it, or while writes fail keep only the newest."""
@@ -187,7 +197,7 @@ class Saver:
 
     def _relieve(self, now_ns: int) -> None:
         """Global cap reached: write the oldest buffers, and drop the oldest if writes fail."""
-        target = self._limits.total_limit * 3 // 4
+        target = self._total_limit * 3 // 4
         dirty = self._dirty
         while self._pending > target and dirty:
             conn = next(iter(dirty))
