@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import select
 import struct
 import time
 
@@ -94,22 +95,34 @@ class Collector:
         self._port_of: dict[int, int] = {}
         self._rates = ByteRates()
         self._stopping = False
+        # Signals write to this pair, which wakes the wait between polls at once.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
         self._logged: dict[str, int] = {}
         self.polls = 0
 
     def stop(self, *_signal_args) -> None:
-        """Ends the loop after the current poll (signal handler)."""
+        """Ends the loop after the current poll, cutting short the wait for the next (signal handler)."""
         self._stopping = True
 
     def run(self, reps: int = 0) -> None:
-        """Polls `reps` times (0: until SIGTERM/SIGINT), then flushes and closes everything."""
+        """Polls `reps` times (0: until SIGTERM/SIGINT), then flushes and closes everything.
+
+        The handlers stay in place during the shutdown, so a second signal cannot cut a flush short.
+        """
         previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous_fd = signal.set_wakeup_fd(self._wake_w.fileno())
         try:
             self._loop(reps)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                signal.set_wakeup_fd(previous_fd)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                self._wake_r.close()
+                self._wake_w.close()
 
     def _loop(self, reps: int) -> None:
         """Go-ticker cadence: a late poll is followed at once by the next, never by a burst."""
@@ -128,8 +141,8 @@ class Collector:
                 self._report()
                 last_report_s = wall_s
             next_start = max(next_start + self._interval, now)
-            if not self._stopping and next_start > now:
-                time.sleep((next_start - now) / NS)
+            if next_start > now and not self._stopping:
+                select.select([self._wake_r], [], [], (next_start - now) / NS)
 
     def poll_once(self) -> PollResult:
         """One poll: archive what changed, announce what opened and closed, flush what is due."""

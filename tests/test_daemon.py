@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pstats
 import signal
 import socket
 import struct
@@ -272,3 +273,18 @@ def test_full_disk_is_survived_and_writing_resumes_when_space_returns(testnet, t
     wait_until(lambda: len(records(tiny_disk / "out", cookie_of(client))) > 1)
     assert daemon.stop() == 0, daemon.text()
     run("zstd", "-t", "-q", *map(str, out.rglob("*.jsonl.zst")))
+
+
+def test_sigterm_ends_a_long_poll_wait_at_once(testnet, tmp_path, daemons):
+    daemon = daemons(testnet, testnet.ns_a, tmp_path / "out", "-poll-interval=1m")
+    daemon.wait_for("First poll done")
+    started = time.monotonic()
+    assert daemon.stop() == 0, daemon.text()
+    assert time.monotonic() - started < 2
+
+
+def test_trace_writes_a_python_profile_into_the_output_directory(testnet, tmp_path, daemons):
+    out = tmp_path / "out"
+    assert daemons(testnet, testnet.ns_a, out, "-reps=3", "-trace").proc.wait(10) == 0
+    stats = pstats.Stats(str(out / "trace.pstats"))
+    assert any(name == "poll_once" for _, _, name in stats.stats)
