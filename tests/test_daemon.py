@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 import zstandard
 
@@ -288,3 +289,60 @@ def test_trace_writes_a_python_profile_into_the_output_directory(testnet, tmp_pa
     assert daemons(testnet, testnet.ns_a, out, "-reps=3", "-trace").proc.wait(10) == 0
     stats = pstats.Stats(str(out / "trace.pstats"))
     assert any(name == "poll_once" for _, _, name in stats.stats)
+
+
+def test_event_socket_announces_each_connection_opening_closing_and_open_at_shutdown(
+        testnet, tmp_path, daemons):
+    path = tmp_path / "events.sock"
+    daemon = daemons(testnet, testnet.ns_a, tmp_path / "out", f"-tcpinfo.eventsocket={path}")
+    daemon.wait_for("First poll done")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.settimeout(5)
+    listener.connect(str(path))
+    events = listener.makefile("rb")
+    time.sleep(0.1)  # the server has registered us before the flows appear
+
+    closing, closing_server, _ = testnet.connect()
+    opened = orjson.loads(events.readline())
+    assert (opened["Event"], opened["UUID"]) == (0, uuid_of(closing))
+    assert opened["ID"]["SPort"] == closing.getsockname()[1]
+    staying, staying_server, _ = testnet.connect(socket.AF_INET6)
+    assert orjson.loads(events.readline())["UUID"] == uuid_of(staying)
+    closing.close()
+    closing_server.close()
+    closed = orjson.loads(events.readline())
+    assert (closed["Event"], closed["UUID"], closed["ID"]) == (1, opened["UUID"], None)
+
+    assert daemon.stop() == 0, daemon.text()
+    final = orjson.loads(events.readline())
+    assert (final["Event"], final["UUID"]) == (1, uuid_of(staying))
+
+
+def complete_frames(path: Path) -> bytes:
+    """What a file's complete frames hold; only its very last frame may be cut short."""
+    data, out = path.read_bytes(), b""
+    while data:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        chunk = dobj.decompress(data)
+        if not dobj.eof:
+            return out   # a torn last frame: everything before it still decodes
+        out, data = out + chunk, dobj.unused_data
+    return out
+
+
+def test_after_sigkill_every_file_decodes_up_to_its_last_flushed_frame(testnet, tmp_path,
+                                                                       daemons):
+    held = [testnet.connect() for _ in range(4)]
+    out = tmp_path / "out"
+    daemon = daemons(testnet, testnet.ns_a, out, "-flush-age=10ms")
+    wait_until(lambda: len(archives(out)) == len(held))
+    for _ in range(10):
+        for client, _, _ in held:
+            client.sendall(b"k" * 100)
+        time.sleep(0.02)
+    daemon.proc.kill()
+    daemon.proc.wait()
+    for client, _, _ in held:
+        (path,) = archives(out)[uuid_of(client)]
+        lines = [decode_line(x) for x in complete_frames(path).splitlines()]
+        assert lines[0].metadata["UUID"] == uuid_of(client) and len(lines) > 2
