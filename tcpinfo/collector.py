@@ -31,6 +31,7 @@ NS = 1_000_000_000
 LOG_EVERY_NS = 60 * NS   # repeated dump errors are logged at most once a minute per kind
 INFO = 2                 # INET_DIAG_INFO attribute: struct tcp_info
 _U64 = struct.Struct("<Q")
+_LOW64 = (1 << 64) - 1
 _BYTES_SENT_AT, _BYTES_RECEIVED_AT = 200, 128  # offsets of the counters in struct tcp_info
 
 
@@ -56,7 +57,7 @@ class ByteRates:
     """
 
     def __init__(self) -> None:
-        self._last: dict[int, tuple[int, int]] = {}
+        self._last: dict[int, int] = {}   # cookie -> bytes_sent << 64 | bytes_received
         self.sent = 0
         self.received = 0
 
@@ -65,10 +66,10 @@ class ByteRates:
             return
         sent = _U64.unpack_from(info, _BYTES_SENT_AT)[0]
         received = _U64.unpack_from(info, _BYTES_RECEIVED_AT)[0]
-        old_sent, old_received = self._last.get(cookie, (0, 0))
-        self._last[cookie] = (sent, received)
-        self.sent += max(sent - old_sent, 0)
-        self.received += max(received - old_received, 0)
+        old = self._last.get(cookie, 0)
+        self._last[cookie] = sent << 64 | received
+        self.sent += max(sent - (old >> 64), 0)
+        self.received += max(received - (old & _LOW64), 0)
 
     def forget(self, cookie: int) -> None:
         self._last.pop(cookie, None)

@@ -49,7 +49,7 @@ class Config:
     flush_age_ns: int = 5 * SECOND
     flush_size: int = 128 * 1024
     conn_buffer_limit: int = 1024 * 1024
-    buffer_limit: int = 64 * 1024 * 1024
+    buffer_limit: int = 32 * 1024 * 1024
     rotate_interval_ns: int = 600 * SECOND
     # For the startup log: "name=value" of every flag, and where a value came from.
     arguments: list[str] = field(default_factory=list)

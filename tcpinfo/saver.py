@@ -43,7 +43,7 @@ class Limits:
     flush_size: int = 128 * 1024
     flush_age_ns: int = 5_000_000_000
     conn_limit: int = 1024 * 1024
-    total_limit: int = 64 * 1024 * 1024
+    total_limit: int = 32 * 1024 * 1024
     rotate_ns: int = 600_000_000_000
 
 

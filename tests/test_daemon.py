@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -346,3 +347,35 @@ def test_after_sigkill_every_file_decodes_up_to_its_last_flushed_frame(testnet, 
         (path,) = archives(out)[uuid_of(client)]
         lines = [decode_line(x) for x in complete_frames(path).splitlines()]
         assert lines[0].metadata["UUID"] == uuid_of(client) and len(lines) > 2
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value from Prometheus text exposition (`name` includes any labels)."""
+    for row in text.splitlines():
+        if row.startswith(name + " "):
+            return float(row.split()[-1])
+    raise AssertionError(f"{name} not exposed")
+
+
+def test_metrics_count_files_snapshots_open_connections_ports_and_bytes_sent(testnet, tmp_path,
+                                                                              daemons):
+    listener = testnet.listen()
+    port = listener.getsockname()[1]
+    held = [testnet.connect(listener=listener) for _ in range(3)]
+    daemon = daemons(testnet, testnet.ns_b, tmp_path / "out", "-flush-age=10ms",
+                     "-prometheusx.listen-address=127.0.0.1:9990", f"-count-port={port}")
+    daemon.wait_for("First poll done")
+    held[0][1].sendall(b"m" * 100_000)   # from the server side, seen by the daemon in b
+    received = 0
+    while received < 100_000:
+        received += len(held[0][0].recv(65536))
+    time.sleep(1.5)   # rates are reported once a second
+    with testnet.inside(testnet.ns_b):
+        with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    assert daemon.stop() == 0, daemon.text()
+    assert metric(text, "tcpinfo_open_connections") == 3
+    assert metric(text, f'tcpinfo_port_connections{{port="{port}"}}') == 3
+    assert metric(text, "tcpinfo_new_file_total") >= 3
+    assert metric(text, "tcpinfo_snapshot_total") > 3
+    assert metric(text, "tcpinfo_send_rate_histogram_sum") >= 8 * 100_000
