@@ -175,9 +175,12 @@ def read_prefix_file(path: str) -> str:
     except OSError as err:
         raise ValueError(err.strerror or str(err)) from None
     try:
-        return data.decode("utf-8")
+        prefix = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("the prefix is not UTF-8 text") from None
+    if "/" in prefix or "\0" in prefix:
+        raise ValueError("the prefix names files, so it cannot contain '/' or NUL")
+    return prefix
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,6 +91,13 @@ def test_uuid_prefix_file_is_taken_verbatim_trailing_newline_included(tmp_path):
     assert parse([f"-uuid-prefix-file={path}"], {}).uuid_prefix == "mlab1-abc01_1553815964\n"
 
 
+def test_a_uuid_prefix_that_would_escape_the_day_directory_is_refused(tmp_path):
+    path = tmp_path / "prefix"
+    path.write_bytes(b"../../etc/host")
+    with pytest.raises(FlagError, match="cannot contain '/'"):
+        parse([f"-uuid-prefix-file={path}"], {})
+
+
 def test_shell_variable_names_follow_flagx():
     assert flags.shell_variable_name("prometheusx.listen-address") == \
         "PROMETHEUSX_LISTEN_ADDRESS"
