@@ -30,9 +30,8 @@ log = logging.getLogger(__name__)
 NS = 1_000_000_000
 LOG_EVERY_NS = 60 * NS   # repeated dump errors are logged at most once a minute per kind
 INFO = 2                 # INET_DIAG_INFO attribute: struct tcp_info
-_U64 = struct.Struct("<Q")
+_COUNTERS = struct.Struct("<128xQ64xQ")  # tcp_info: bytes_received at 128, bytes_sent at 200
 _LOW64 = (1 << 64) - 1
-_BYTES_SENT_AT, _BYTES_RECEIVED_AT = 200, 128  # offsets of the counters in struct tcp_info
 
 
 def kernel_tcp_info_length() -> int:
@@ -62,10 +61,9 @@ class ByteRates:
         self.received = 0
 
     def update(self, cookie: int, info: bytes | None) -> None:
-        if info is None or len(info) < _BYTES_SENT_AT + 8:
+        if info is None or len(info) < _COUNTERS.size:
             return
-        sent = _U64.unpack_from(info, _BYTES_SENT_AT)[0]
-        received = _U64.unpack_from(info, _BYTES_RECEIVED_AT)[0]
+        received, sent = _COUNTERS.unpack_from(info)
         old = self._last.get(cookie, 0)
         self._last[cookie] = sent << 64 | received
         self.sent += max(sent - (old >> 64), 0)
