@@ -19,6 +19,7 @@ import time
 import tcpinfo
 from tcpinfo import metrics
 from tcpinfo.anonymize import Anonymizer
+from tcpinfo.eventsocket import EventServer, NullServer
 from tcpinfo.inetdiag import split_message
 from tcpinfo.netlink import PREVIOUS_WAS_NIL, FamilyStats, Poller, PollResult
 from tcpinfo.record import encode_record
@@ -81,7 +82,7 @@ class ByteRates:
 class Collector:
     """Runs polls at the target interval until told to stop, then shuts down cleanly."""
 
-    def __init__(self, poller: Poller, saver: Saver, events, prefix: str,
+    def __init__(self, poller: Poller, saver: Saver, events: EventServer | NullServer, prefix: str,
                  poll_interval_ns: int, anonymize: Anonymizer | None = None,
                  counted_ports: frozenset[int] = frozenset()) -> None:
         self._poller = poller
