@@ -379,3 +379,23 @@ def test_metrics_count_files_snapshots_open_connections_ports_and_bytes_sent(tes
     assert metric(text, "tcpinfo_new_file_total") >= 3
     assert metric(text, "tcpinfo_snapshot_total") > 3
     assert metric(text, "tcpinfo_send_rate_histogram_sum") >= 8 * 100_000
+
+
+def test_a_busy_connection_rotates_into_numbered_files_with_one_start_time(testnet, tmp_path,
+                                                                           daemons):
+    client, server, _ = testnet.connect()
+    out = tmp_path / "out"
+    daemon = daemons(testnet, testnet.ns_a, out, "-rotate-interval=200ms", "-flush-age=20ms")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        client.sendall(b"r" * 100)
+        server.recv(100)
+        time.sleep(0.02)
+    assert daemon.stop() == 0, daemon.text()
+
+    files = archives(out)[uuid_of(client)]
+    assert len(files) >= 3
+    headers = [read_archive(path)[0].metadata for path in files]
+    assert [h["Sequence"] for h in headers] == list(range(len(files)))
+    assert [path.name.split(".")[1] for path in files] == [f"{i:05d}" for i in range(len(files))]
+    assert len({h["StartTime"] for h in headers}) == 1
