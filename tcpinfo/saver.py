@@ -49,7 +49,8 @@ class Limits:
 
 class _Connection:
     """What the saver remembers about one connection; small, because there may be 100,000."""
-    __slots__ = ("cookie", "start_ns", "seq", "day", "expires_ns", "started", "buf", "first_ns")
+    __slots__ = ("cookie", "start_ns", "seq", "day", "expires_ns", "started", "lines", "size",
+                 "first_ns")
 
     def __init__(self, cookie: int, start_ns: int, day: str, expires_ns: int) -> None:
         self.cookie = cookie
@@ -58,7 +59,8 @@ class _Connection:
         self.day = day                  # "YYYY/MM/DD" directory of the current file
         self.expires_ns = expires_ns    # a record at or after this time starts the next file
         self.started = False            # the current file exists and holds its header
-        self.buf: bytearray | None = None  # pending lines, None when there are none
+        self.lines: list[bytes] | None = None  # pending lines, None when there are none
+        self.size = 0                   # their total length
         self.first_ns = 0               # timestamp of the oldest pending line
 
 
@@ -103,15 +105,18 @@ class Saver:
         conn = self._conns.get(cookie)
         if conn is None or ts_ns >= conn.expires_ns:
             conn = self._open_or_rotate(cookie, conn, ts_ns)
-        buf = conn.buf
-        if buf is None:
-            conn.buf = buf = bytearray(line)
+        n = len(line)
+        lines = conn.lines
+        if lines is None:
+            conn.lines = [line]   # a list, joined once per frame: appending to one buffer
+            conn.size = size = n  # would copy it over and over as it grows
             conn.first_ns = ts_ns
             self._dirty[conn] = None
         else:
-            buf += line
-        self._pending += len(line)
-        if len(buf) >= self._flush_size or self._pending > self._total_limit:
+            lines.append(line)
+            conn.size = size = conn.size + n
+        self._pending += n
+        if size >= self._flush_size or self._pending > self._total_limit:
             self._enforce_limits(conn, ts_ns)
 
     def close_connection(self, cookie: int, now_ns: int) -> None:
@@ -120,7 +125,7 @@ class Saver:
         If the write fails, its records stay queued and are retried like any other.
         """
         conn = self._conns.pop(cookie, None)
-        if conn is not None and conn.buf is not None and now_ns >= self._retry_ns:
+        if conn is not None and conn.lines is not None and now_ns >= self._retry_ns:
             self._flush(conn, now_ns)
 
     def flush_due(self, now_ns: int) -> None:
@@ -144,10 +149,10 @@ class Saver:
                 failures = 0
             else:
                 failures += 1
-                self._drop(conn, len(conn.buf), "shutdown")  # type: ignore[arg-type]
+                self._drop(conn, len(conn.lines), "shutdown")  # type: ignore[arg-type]
         while self._dirty:
             conn = next(iter(self._dirty))
-            self._drop(conn, len(conn.buf), "shutdown")  # type: ignore[arg-type]
+            self._drop(conn, len(conn.lines), "shutdown")  # type: ignore[arg-type]
 
     # -------------------------------------------------------------------------- buffer policy
 
@@ -170,7 +175,7 @@ class Saver:
             conn = self._conns[cookie] = _Connection(cookie, ts_ns, self._day(ts_ns),
                                                      ts_ns + self._limits.rotate_ns)
             return conn
-        if conn.buf is not None and ts_ns >= self._retry_ns:
+        if conn.lines is not None and ts_ns >= self._retry_ns:
             self._flush(conn, ts_ns)
         if conn.started:
             conn.seq += 1
@@ -181,7 +186,7 @@ class Saver:
 
     def _enforce_limits(self, conn: _Connection, now_ns: int) -> None:
         """After an append: write a buffer that reached the flush size, relieve the global cap."""
-        if len(conn.buf) >= self._flush_size:  # type: ignore[arg-type]
+        if conn.size >= self._flush_size:
             self._flush_big(conn, now_ns)
         if self._pending > self._total_limit:
             self._relieve(now_ns)
@@ -190,10 +195,15 @@ class Saver:
         """A buffer reached the flush size: write it, or while writes fail keep only the newest."""
         if now_ns >= self._retry_ns and self._flush(conn, now_ns):
             return
-        buf = conn.buf
-        excess = len(buf) - self._limits.conn_limit  # type: ignore[arg-type]
+        excess = conn.size - self._limits.conn_limit
         if excess > 0:
-            self._drop(conn, buf.find(b"\n", excess - 1) + 1, "connection limit")  # type: ignore[union-attr]
+            count = 0
+            for line in conn.lines:  # type: ignore[union-attr]
+                if excess <= 0:
+                    break
+                excess -= len(line)
+                count += 1
+            self._drop(conn, count, "connection limit")
 
     def _relieve(self, now_ns: int) -> None:
         """Global cap reached: write the oldest buffers, and drop the oldest if writes fail."""
@@ -202,35 +212,39 @@ class Saver:
         while self._pending > target and dirty:
             conn = next(iter(dirty))
             if now_ns < self._retry_ns or not self._flush(conn, now_ns):
-                self._drop(conn, len(conn.buf), "buffer limit")  # type: ignore[arg-type]
+                self._drop(conn, len(conn.lines), "buffer limit")  # type: ignore[arg-type]
 
-    def _drop(self, conn: _Connection, nbytes: int, reason: str) -> None:
-        """Discards the first `nbytes` (whole lines) of a connection's pending records."""
-        buf = conn.buf
-        metrics.DROPPED_RECORDS.labels(reason=reason).inc(buf.count(b"\n", 0, nbytes))  # type: ignore[union-attr]
+    def _drop(self, conn: _Connection, count: int, reason: str) -> None:
+        """Discards the oldest `count` of a connection's pending lines."""
+        lines = conn.lines
+        nbytes = sum(map(len, lines[:count]))  # type: ignore[index]
+        metrics.DROPPED_RECORDS.labels(reason=reason).inc(min(count, len(lines)))  # type: ignore[arg-type]
         metrics.DROPPED_BYTES.labels(reason=reason).inc(nbytes)
         self._pending -= nbytes
-        if nbytes >= len(buf):  # type: ignore[arg-type]
-            conn.buf = None
+        if count >= len(lines):  # type: ignore[arg-type]
+            conn.lines = None
+            conn.size = 0
             del self._dirty[conn]
         else:
-            del buf[:nbytes]  # type: ignore[index]
+            del lines[:count]  # type: ignore[index]
+            conn.size -= nbytes
 
     # ----------------------------------------------------------------------------- file I/O
 
     def _flush(self, conn: _Connection, now_ns: int) -> bool:
         """Writes a connection's pending lines as one frame; False (and retry later) on failure."""
-        data = conn.buf
+        lines = conn.lines
         try:
             if conn.started:
-                self._append(conn, data, now_ns)  # type: ignore[arg-type]
+                self._append(conn, lines, now_ns)  # type: ignore[arg-type]
             else:
-                self._create(conn, data)  # type: ignore[arg-type]
+                self._create(conn, lines)  # type: ignore[arg-type]
         except OSError as err:
             self._write_failed(err, now_ns)
             return False
-        self._pending -= len(data)  # type: ignore[arg-type]
-        conn.buf = None
+        self._pending -= conn.size
+        conn.lines = None
+        conn.size = 0
         del self._dirty[conn]
         if self._failing:
             log.warning("Archive writes work again (after %s)", ", ".join(sorted(self._failing)))
@@ -241,7 +255,7 @@ class Saver:
         return (f"{self._root}/{conn.day}/{make_uuid(self._prefix, conn.cookie)}"
                 f".{conn.seq:05d}.jsonl.zst")
 
-    def _create(self, conn: _Connection, data: bytearray) -> None:
+    def _create(self, conn: _Connection, lines: list[bytes]) -> None:
         """Creates the connection's next file (never an existing one) with its header line."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         while True:
@@ -256,7 +270,7 @@ class Saver:
         header = encode_header(make_uuid(self._prefix, conn.cookie), conn.seq, conn.start_ns,
                                self._extra)
         try:
-            _write_all(fd, self._zstd.compress(header + data))
+            _write_all(fd, self._zstd.compress(b"".join([header, *lines])))
         except OSError:
             os.unlink(path)
             raise
@@ -265,7 +279,7 @@ class Saver:
         conn.started = True
         metrics.NEW_FILES.inc()
 
-    def _append(self, conn: _Connection, data: bytearray, now_ns: int) -> None:
+    def _append(self, conn: _Connection, lines: list[bytes], now_ns: int) -> None:
         """Appends one frame; a partial write is cut off again so the file stays whole frames."""
         try:
             fd = os.open(self._path(conn), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -274,12 +288,12 @@ class Saver:
             conn.seq += 1
             conn.started = False
             conn.day = self._day(now_ns)
-            self._create(conn, data)
+            self._create(conn, lines)
             return
         try:
             size = os.fstat(fd).st_size
             try:
-                _write_all(fd, self._zstd.compress(data))
+                _write_all(fd, self._zstd.compress(b"".join(lines)))
             except OSError:
                 os.ftruncate(fd, size)
                 raise
