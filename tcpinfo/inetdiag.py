@@ -6,6 +6,9 @@ those raw bytes into named fields for csvtool, analysis and tests.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
+
+from .tcp import TCP_INFO, Layout
 
 IDM_LEN = 72
 MAX_ATTR_TYPE = 38
@@ -78,3 +81,161 @@ def ip_string(addr16: bytes, family: int) -> str:
             return "%d.%d.%d.%d" % tuple(addr16[12:16])
         return _ipv6_string(addr16)
     return "%d.%d.%d.%d" % tuple(addr16[:4])
+
+
+class InetDiagMsg(NamedTuple):
+    """struct inet_diag_msg, decoded.  ``interface`` is the real (host-order) ifindex;
+    ``interface_be`` is the same bytes read big-endian, which is what upstream prints."""
+
+    family: int
+    state: int
+    timer: int
+    retrans: int
+    sport: int
+    dport: int
+    src: str
+    dst: str
+    interface: int
+    interface_be: int
+    cookie: int
+    expires: int
+    rqueue: int
+    wqueue: int
+    uid: int
+    inode: int
+
+
+IDM_HOST = struct.Struct("<4B36xIQ5I")
+"""family, state, timer, retrans, if, cookie, expires, rqueue, wqueue, uid, inode (host order)."""
+IDM_NET = struct.Struct(">4xHH16s16sI")
+"""sport, dport, src, dst and the big-endian reading of idiag_if (network order)."""
+
+
+def decode_idm(raw: bytes) -> InetDiagMsg:
+    """Decode the 72-byte inet_diag_msg (longer input: the rest is ignored)."""
+    if len(raw) < IDM_LEN:
+        raise ValueError(f"RawIDM too short: {len(raw)} bytes < {IDM_LEN}")
+    family, state, timer, retrans, ifindex, cookie, expires, rq, wq, uid, inode = IDM_HOST.unpack_from(raw)
+    sport, dport, src, dst, if_be = IDM_NET.unpack_from(raw)
+    return InetDiagMsg(family, state, timer, retrans, sport, dport, ip_string(src, family),
+                       ip_string(dst, family), ifindex, if_be, cookie, expires, rq, wq, uid, inode)
+
+
+# INET_DIAG_* attribute types (include/uapi/linux/inet_diag.h).
+INET_DIAG_MEMINFO = 1
+INET_DIAG_INFO = 2
+INET_DIAG_VEGASINFO = 3
+INET_DIAG_CONG = 4
+INET_DIAG_TOS = 5
+INET_DIAG_TCLASS = 6
+INET_DIAG_SKMEMINFO = 7
+INET_DIAG_SHUTDOWN = 8
+INET_DIAG_DCTCPINFO = 9
+INET_DIAG_PROTOCOL = 10
+INET_DIAG_SKV6ONLY = 11
+INET_DIAG_MARK = 15
+INET_DIAG_BBRINFO = 16
+INET_DIAG_CLASS_ID = 17
+INET_DIAG_CGROUP_ID = 21
+INET_DIAG_SOCKOPT = 22
+
+MEMINFO = Layout("""
+rmem Rmem I I
+wmem Wmem I I
+fmem Fmem I I
+tmem Tmem I I
+""")
+SKMEMINFO = Layout("""
+rmem_alloc RmemAlloc I I
+rcvbuf Rcvbuf I I
+wmem_alloc WmemAlloc I I
+sndbuf Sndbug I I
+fwd_alloc FwdAlloc I I
+wmem_queued WmemQueued I I
+optmem Optmem I I
+backlog Backlog I I
+drops Drops I I
+""")
+"""SK_MEMINFO_*; upstream's CSV misspells sndbuf as ``Sndbug``."""
+VEGASINFO = Layout("""
+enabled Enabled I I
+rttcnt RTTCount I I
+rtt RTT I I
+minrtt MinRTT I I
+""")
+DCTCPINFO = Layout("""
+enabled Enabled H H
+ce_state CEState H H
+alpha Alpha I I
+ab_ecn ABEcn I I
+ab_tot ABTot I I
+""")
+BBRINFO = Layout("""
+bw BW Q q
+min_rtt MinRTT I I
+pacing_gain PacingGain I I
+cwnd_gain CwndGain I I
+""", go_size=24)
+"""tcp_bbr_info: bw_lo and bw_hi read together as one little-endian u64.  Go pads its struct
+to 24 bytes, so the kernel's 20 still count as fully parsed upstream."""
+
+STRUCT_ATTRIBUTES: dict[int, tuple[str, Layout]] = {
+    INET_DIAG_MEMINFO: ("meminfo", MEMINFO),
+    INET_DIAG_INFO: ("tcp", TCP_INFO),
+    INET_DIAG_VEGASINFO: ("vegas", VEGASINFO),
+    INET_DIAG_SKMEMINFO: ("skmeminfo", SKMEMINFO),
+    INET_DIAG_DCTCPINFO: ("dctcp", DCTCPINFO),
+    INET_DIAG_BBRINFO: ("bbr", BBRINFO),
+}
+"""Struct-valued attributes: type -> (column prefix, layout)."""
+
+SCALAR_ATTRIBUTES: dict[int, tuple[str, struct.Struct]] = {
+    INET_DIAG_TOS: ("tos", struct.Struct("<B")),
+    INET_DIAG_TCLASS: ("tclass", struct.Struct("<B")),
+    INET_DIAG_SHUTDOWN: ("shutdown", struct.Struct("<B")),
+    INET_DIAG_PROTOCOL: ("protocol", struct.Struct("<B")),
+    INET_DIAG_SKV6ONLY: ("v6only", struct.Struct("<B")),
+    INET_DIAG_MARK: ("mark", struct.Struct("<I")),
+    INET_DIAG_CLASS_ID: ("class_id", struct.Struct("<I")),
+    INET_DIAG_CGROUP_ID: ("cgroup_id", struct.Struct("<Q")),
+    INET_DIAG_SOCKOPT: ("sockopt", struct.Struct("<H")),
+}
+"""Integer-valued attributes: type -> (name, format).  A shorter value than the format is absent."""
+
+SOCKOPT_FLAGS: tuple[str, ...] = (
+    "recverr", "is_icsk", "freebind", "hdrincl", "mc_loop", "transparent", "mc_all", "nodefrag",
+    "bind_address_no_port", "recverr_rfc4884", "defer_connect",
+)
+"""struct inet_diag_sockopt bit fields, bit 0 first."""
+
+
+def sockopt_names(flags: int) -> list[str]:
+    """Names of the set INET_DIAG_SOCKOPT bits (unknown bits as ``bit<n>``)."""
+    return [SOCKOPT_FLAGS[i] if i < len(SOCKOPT_FLAGS) else f"bit{i}"
+            for i in range(flags.bit_length()) if flags >> i & 1]
+
+
+def congestion_name(raw: bytes) -> str:
+    """INET_DIAG_CONG: the NUL-terminated algorithm name."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def decode_attributes(attributes: list[bytes | None]) -> dict[str, object]:
+    """All known attributes by name: struct members as ``<prefix>.<member>``, scalars by name,
+    ``cong`` as text and ``sockopt`` as flag names.  Unknown or too-short values are left out."""
+    out: dict[str, object] = {}
+    for rta_type, raw in enumerate(attributes):
+        if raw is None:
+            continue
+        if rta_type in STRUCT_ATTRIBUTES:
+            prefix, layout = STRUCT_ATTRIBUTES[rta_type]
+            for name, value in layout.decode(raw).items():
+                out[f"{prefix}.{name}"] = value
+        elif rta_type in SCALAR_ATTRIBUTES:
+            name, fmt = SCALAR_ATTRIBUTES[rta_type]
+            if len(raw) >= fmt.size:
+                (value,) = fmt.unpack_from(raw)
+                out[name] = "|".join(sockopt_names(value)) if rta_type == INET_DIAG_SOCKOPT else value
+        elif rta_type == INET_DIAG_CONG:
+            out["cong"] = congestion_name(raw)
+    return out
