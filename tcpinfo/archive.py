@@ -1,0 +1,114 @@
+"""Streaming reader of archive files: plain JSON lines or zstd (any number of frames).
+
+Archives can be far larger than memory, so lines are yielded one at a time from fixed-size
+chunks.  zstd is decoded in-process frame by frame so that a truncated final frame (a crashed
+writer) is reported instead of silently ending the file early.  Every error names the file and
+the line it was reading.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+STDIN = "-"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+CHUNK = 1 << 18
+ARCHIVE_SUFFIXES = (".jsonl", ".jsonl.zst", ".zst")
+
+
+class ArchiveError(Exception):
+    """A problem in one input, located by file name and 1-based line number (0 = the whole file)."""
+
+    def __init__(self, name: str, line: int, message: str) -> None:
+        super().__init__(f"{name}:{line}: {message}" if line else f"{name}: {message}")
+        self.name, self.line, self.message = name, line, message
+
+
+def _zstd_chunks(first: bytes, stream: BinaryIO) -> Iterator[bytes]:
+    """Decompressed chunks of a multi-frame zstd stream; ZstdError if the last frame is cut short."""
+    dctx = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
+    pending = first
+    in_frame = False
+    while True:
+        if not pending:
+            pending = stream.read(CHUNK)
+            if not pending:
+                break
+        in_frame = True
+        out = dobj.decompress(pending)
+        if out:
+            yield out
+        if dobj.eof:
+            pending = dobj.unused_data
+            dobj = dctx.decompressobj()
+            in_frame = False
+        else:
+            pending = b""
+    if in_frame:
+        raise zstandard.ZstdError("truncated zstd frame (unexpected end of file)")
+
+
+def _chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """Raw chunks of the stream, decompressed when it starts with the zstd magic number."""
+    first = stream.read(CHUNK)
+    if first.startswith(ZSTD_MAGIC):
+        yield from _zstd_chunks(first, stream)
+        return
+    while first:
+        yield first
+        first = stream.read(CHUNK)
+
+
+def iter_lines(stream: BinaryIO, name: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline) for each line of ``stream``.
+
+    A final line without a newline still counts (as Go's bufio.Scanner does); a trailing ``\\r``
+    is dropped.
+    """
+    lineno = 0
+    tail = b""
+    try:
+        for chunk in _chunks(stream):
+            lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                lineno += 1
+                yield lineno, line[:-1] if line.endswith(b"\r") else line
+    except zstandard.ZstdError as exc:
+        raise ArchiveError(name, lineno + 1, f"zstd: {exc}") from None
+    except OSError as exc:
+        raise ArchiveError(name, lineno + 1, f"read error: {exc.strerror or exc}") from None
+    if tail:
+        yield lineno + 1, tail[:-1] if tail.endswith(b"\r") else tail
+
+
+def read_archive(path: str) -> Iterator[tuple[int, bytes]]:
+    """Lines of one archive; ``-`` is standard input.  Missing or unreadable files raise ArchiveError."""
+    if path == STDIN:
+        yield from iter_lines(sys.stdin.buffer, "<stdin>")
+        return
+    try:
+        stream = open(path, "rb")
+    except OSError as exc:
+        raise ArchiveError(path, 0, f"cannot open: {exc.strerror or exc}") from None
+    with stream:
+        yield from iter_lines(stream, path)
+
+
+def expand_paths(args: Iterable[str]) -> list[str]:
+    """Files to read, in order: files as given, directories walked recursively in sorted order
+    (only ``*.jsonl``, ``*.jsonl.zst`` and ``*.zst`` files from directories)."""
+    out: list[str] = []
+    for arg in args:
+        if arg != STDIN and os.path.isdir(arg):
+            found = [p for p in Path(arg).rglob("*") if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES)]
+            out.extend(str(p) for p in sorted(found))
+        else:
+            out.append(arg)
+    return out
