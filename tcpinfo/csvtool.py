@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import binascii
+import re
+import struct
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
 
 import orjson
 
-from .archive import STDIN, ArchiveError, expand_paths, read_archive
+from .archive import STDIN, ArchiveError, expand_paths, read_blocks
 from .inetdiag import (
     BBRINFO,
     DCTCPINFO,
@@ -49,7 +51,7 @@ from .inetdiag import (
     ip_string,
 )
 from .record import ZERO_TIME, ZERO_TIME_NS, decode_line, format_time, parse_time
-from .tcp import Layout, state_name
+from .tcp import Layout, state_name, struct_for
 
 # --- Go encoding/csv -------------------------------------------------------------------------
 
@@ -86,59 +88,89 @@ UPSTREAM_HEADER: list[str] = (
     + _struct_header("BBR", BBRINFO)
 )
 
-# A row is built from these 17 slots, each one CSV fragment (struct slots hold several columns).
-_TS, _OBS, _NFP, _IDM, _CONG, _TOS, _TCLASS, _CLASSID, _SHUTDOWN, _PROTOCOL, _MARK = range(11)
-_STRUCT_SLOTS = {INET_DIAG_INFO: 11, INET_DIAG_MEMINFO: 12, INET_DIAG_SKMEMINFO: 13,
-                 INET_DIAG_VEGASINFO: 14, INET_DIAG_DCTCPINFO: 15, INET_DIAG_BBRINFO: 16}
-_U8_SLOTS = {INET_DIAG_TOS: _TOS, INET_DIAG_TCLASS: _TCLASS, INET_DIAG_CLASS_ID: _CLASSID,
-             INET_DIAG_SHUTDOWN: _SHUTDOWN, INET_DIAG_PROTOCOL: _PROTOCOL}
-_EMPTY_ROW: list[str] = (
-    ["", "0", "0", "," * 14, ""] + ["0"] * 6
-    + ["," * (len(layout.go_names) - 1)
-       for _, layout in sorted((slot, STRUCT_ATTRIBUTES[t][1]) for t, slot in _STRUCT_SLOTS.items())]
-)
+# Attribute-valued columns, in row order around the TCP.* block: "head" (CongestionAlgorithm ..
+# Mark) before it, "tail" (MemInfo .. BBR) after it.  Each slot holds one CSV fragment.
+_HEAD_TYPES = (INET_DIAG_CONG, INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_CLASS_ID, INET_DIAG_SHUTDOWN,
+               INET_DIAG_PROTOCOL, INET_DIAG_MARK)
+_TAIL_TYPES = (INET_DIAG_MEMINFO, INET_DIAG_SKMEMINFO, INET_DIAG_VEGASINFO, INET_DIAG_DCTCPINFO,
+               INET_DIAG_BBRINFO)
+_SLOT = {t: i for i, t in enumerate(_HEAD_TYPES + _TAIL_TYPES)}
+_ABSENT = [""] + ["0"] * 6 + ["," * (len(STRUCT_ATTRIBUTES[t][1].go_names) - 1) for t in _TAIL_TYPES]
+"""Upstream prints absent scalars as 0 and absent structs (nil pointers) as empty columns."""
+_NO_ATTRIBUTES = (",".join(_ABSENT[:7]), ",".join(_ABSENT[7:]), 0, 0)
+_NO_IDM = "," * 14
+_NO_INFO = "," * (len(TCP_INFO.go_names) - 1)
 _METADATA_TIME = "2009-05-29T23:59:59Z"
 """Upstream's snapshot reader replaces a zero Timestamp with this date ("HACK")."""
 
-_Formatter = Callable[[bytes], "tuple[int, str, bool]"]
+_ZERO_PREFIX = ZERO_TIME[:19]
+_CANONICAL_SUFFIX = re.compile(r"(?:\.\d{0,8}[1-9])?(?:Z|[+-](?!00:00)(?:[01]\d|2[0-3]):[0-5]\d)\Z").match
+"""What Go prints after the seconds: a trimmed fraction, then ``Z`` or a non-zero offset."""
 
 
-def _struct_formatter(slot: int, layout: Layout) -> _Formatter:
-    def fmt(raw: bytes) -> tuple[int, str, bool]:
+def _valid_prefix(prefix: str) -> bool:
+    """Whether ``YYYY-MM-DDTHH:MM:SS`` is a real date and time (Go's Parse would accept it)."""
+    try:
+        parse_time(prefix + "Z")
+    except ValueError:
+        return False
+    return True
+
+
+_Formatter = Callable[[bytes], "tuple[str, bool]"]
+
+
+def _struct_formatter(layout: Layout) -> _Formatter:
+    template = ",".join(["%d"] * len(layout.go_names))  # one %-format beats map(str) + join
+
+    def fmt(raw: bytes) -> tuple[str, bool]:
         values, ok = layout.decode_go(raw)
-        return slot, ",".join(map(str, values)), ok
+        return template % values, ok
     return fmt
 
 
-def _u8_formatter(slot: int) -> _Formatter:
-    def fmt(raw: bytes) -> tuple[int, str, bool]:
-        return (slot, str(raw[0]), True) if raw else (slot, "0", False)
-    return fmt
+def _u8(raw: bytes) -> tuple[str, bool]:
+    return (str(raw[0]), True) if raw else ("0", False)
 
 
-def _mark(raw: bytes) -> tuple[int, str, bool]:
+def _mark(raw: bytes) -> tuple[str, bool]:
     if len(raw) != 4:
-        return _MARK, "0", False
-    return _MARK, str(int.from_bytes(raw, "little")), True
+        return "0", False
+    return str(int.from_bytes(raw, "little")), True
 
 
-def _cong(raw: bytes) -> tuple[int, str, bool]:
+def _cong(raw: bytes) -> tuple[str, bool]:
     if not raw:
         raise ValueError("empty CONG attribute (upstream csvtool panics here)")
-    return _CONG, go_csv_field(raw[:-1].decode("utf-8", "surrogateescape")), True
+    return go_csv_field(raw[:-1].decode("utf-8", "surrogateescape")), True
 
 
-def _undecoded(raw: bytes) -> tuple[int, str, bool]:
-    return -1, "", False
+def _undecoded(raw: bytes) -> tuple[str, bool]:
+    return "", False
 
 
 _FORMATTERS: dict[int, _Formatter] = {
-    **{t: _struct_formatter(slot, STRUCT_ATTRIBUTES[t][1]) for t, slot in _STRUCT_SLOTS.items()},
-    **{t: _u8_formatter(slot) for t, slot in _U8_SLOTS.items()},
+    **{t: _struct_formatter(STRUCT_ATTRIBUTES[t][1]) for t in _TAIL_TYPES},
+    **{t: _u8 for t in (INET_DIAG_TOS, INET_DIAG_TCLASS, INET_DIAG_CLASS_ID, INET_DIAG_SHUTDOWN,
+                        INET_DIAG_PROTOCOL)},
     INET_DIAG_MARK: _mark,
     INET_DIAG_CONG: _cong,
 }
 _CACHE_LIMIT = 20_000
+_IDM_TAIL_OFFSET = 52
+_IDM_TAIL = struct.Struct("<5I")
+"""expires, rqueue, wqueue, uid, inode: the IDM members that change from poll to poll."""
+
+# tcp_info: the first 44 bytes (state .. fackets) rarely change within a connection, so their
+# columns are formatted once per distinct value; the rest is formatted every time.
+_INFO_SPLIT = 44
+_INFO_LEN = TCP_INFO.go_size
+_GO_INFO_FIELDS = tuple(f for f in TCP_INFO.fields if f.go_fmt is not None)
+_INFO_HEAD = struct_for(tuple(f for f in _GO_INFO_FIELDS if f.offset < _INFO_SPLIT), "go_fmt")
+_INFO_REST = struct_for(tuple(f for f in _GO_INFO_FIELDS if f.offset >= _INFO_SPLIT), "go_fmt", _INFO_SPLIT)
+_INFO_HEAD_TEMPLATE = ",".join(["%d"] * len(_INFO_HEAD.unpack(bytes(_INFO_HEAD.size))))
+_INFO_REST_TEMPLATE = ",%d" * len(_INFO_REST.unpack(bytes(_INFO_REST.size)))
+_INFO_BIT = 1 << (INET_DIAG_INFO - 1)
 
 
 def _b64(text: object, what: str) -> bytes:
@@ -150,43 +182,91 @@ def _b64(text: object, what: str) -> bytes:
         raise ValueError(f"{what}: bad base64 ({exc})") from None
 
 
+def _bounded_put(cache: dict, key: object, value: object) -> None:
+    """Memoise with a hard size bound, so memory stays flat on endless input."""
+    if len(cache) > _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
 class UpstreamConverter:
-    """Turns archive lines into rows of upstream's CSV, memoising every formatted fragment."""
+    """Turns archive lines into rows of upstream's CSV, memoising formatted fragments."""
 
     def __init__(self) -> None:
-        self._attr_cache: list[dict[str, tuple[int, str, bool]]] = [{} for _ in range(39)]
-        self._time_cache: dict[str, str] = {}
-        self._addr_cache: dict[bytes, str] = {}
+        self._attr_cache: dict[tuple[int, str], tuple[str, bool]] = {}
+        self._prefix_cache: dict[str, bool] = {}
+        self._set_cache: dict[tuple, tuple[str, str, int, int]] = {}
+        self._idm_cache: dict[bytes, str] = {}
+        self._info_cache: dict[bytes, str] = {}
 
     def _time(self, ts: object) -> str:
+        """Go's MarshalText of the parsed Timestamp.  Canonical input (the norm) is returned as
+        is once its date-time prefix has been validated; anything else is parsed and re-printed."""
         if ts is None or ts == ZERO_TIME:
             return _METADATA_TIME
         if type(ts) is not str:
             raise ValueError(f"Timestamp: expected a string, got {type(ts).__name__}")
-        text = self._time_cache.get(ts)
-        if text is None:
-            ns, offset = parse_time(ts)
-            text = _METADATA_TIME if ns == ZERO_TIME_NS and offset == 0 else format_time(ns, offset)
-            if len(self._time_cache) > _CACHE_LIMIT:
-                self._time_cache.clear()
-            self._time_cache[ts] = text
-        return text
+        prefix = ts[:19]
+        valid = self._prefix_cache.get(prefix)
+        if valid is None:
+            valid = _valid_prefix(prefix)
+            _bounded_put(self._prefix_cache, prefix, valid)
+        if valid and _CANONICAL_SUFFIX(ts, 19) and prefix != _ZERO_PREFIX:
+            return ts
+        ns, offset = parse_time(ts)
+        if ns == ZERO_TIME_NS and ts.endswith("Z"):
+            return _METADATA_TIME
+        return format_time(ns, offset)
 
     def _idm(self, text: object) -> str:
         raw = _b64(text, "RawIDM")
         if len(raw) < IDM_LEN:
             raise ValueError(f"RawIDM too short: {len(raw)} bytes < {IDM_LEN}")
-        family, state, timer, retrans, _, cookie, expires, rq, wq, uid, inode = IDM_HOST.unpack_from(raw)
-        sport, dport, _, _, if_be = IDM_NET.unpack_from(raw)
-        key = raw[:1] + raw[8:40]
-        addrs = self._addr_cache.get(key)
-        if addrs is None:
-            addrs = ip_string(raw[8:24], family) + "," + ip_string(raw[24:40], family)
-            if len(self._addr_cache) > _CACHE_LIMIT:
-                self._addr_cache.clear()
-            self._addr_cache[key] = addrs
-        return "%d,%d,%d,%d,%d,%d,%s,%d,%X,%d,%d,%d,%d,%d" % (
-            family, state, timer, retrans, sport, dport, addrs, if_be, cookie, expires, rq, wq, uid, inode)
+        # Bytes 0-51 (family .. cookie) rarely change within a connection: format them once.
+        head = raw[:_IDM_TAIL_OFFSET]
+        fragment = self._idm_cache.get(head)
+        if fragment is None:
+            family, state, timer, retrans, _, cookie, *_ = IDM_HOST.unpack_from(raw)
+            sport, dport, src, dst, if_be = IDM_NET.unpack_from(raw)
+            fragment = "%d,%d,%d,%d,%d,%d,%s,%s,%d,%X," % (
+                family, state, timer, retrans, sport, dport, ip_string(src, family), ip_string(dst, family),
+                if_be, cookie)
+            _bounded_put(self._idm_cache, head, fragment)
+        return fragment + "%d,%d,%d,%d,%d" % _IDM_TAIL.unpack_from(raw, _IDM_TAIL_OFFSET)
+
+    def _info(self, text: object) -> tuple[str, bool]:
+        """The TCP.* columns and whether upstream parsed them fully (not longer than its struct)."""
+        raw = _b64(text, f"Attributes[{INET_DIAG_INFO}]")
+        n = len(raw)
+        if n < _INFO_LEN:
+            raw += bytes(_INFO_LEN - n)
+        head = raw[:_INFO_SPLIT]
+        fragment = self._info_cache.get(head)
+        if fragment is None:
+            fragment = _INFO_HEAD_TEMPLATE % _INFO_HEAD.unpack(head)
+            _bounded_put(self._info_cache, head, fragment)
+        return fragment + _INFO_REST_TEMPLATE % _INFO_REST.unpack_from(raw, _INFO_SPLIT), n <= _INFO_LEN
+
+    def _attributes(self, attrs: list) -> tuple[str, str, int, int]:
+        """Head and tail fragments and Observed/NotFullyParsed bits of every attribute but INFO."""
+        slots = _ABSENT.copy()
+        observed = not_parsed = 0
+        for t, text in enumerate(attrs):
+            if text is None:
+                continue
+            hit = self._attr_cache.get((t, text))
+            if hit is None:
+                hit = _FORMATTERS.get(t, _undecoded)(_b64(text, f"Attributes[{t}]"))
+                _bounded_put(self._attr_cache, (t, text), hit)
+            fragment, ok = hit
+            slot = _SLOT.get(t)
+            if slot is not None:
+                slots[slot] = fragment
+            if 0 < t <= 32:  # upstream's uint32 shift: higher types leave no trace
+                observed |= 1 << (t - 1)
+                if not ok:
+                    not_parsed |= 1 << (t - 1)
+        return ",".join(slots[:7]), ",".join(slots[7:]), observed, not_parsed
 
     def row(self, line: bytes) -> str:
         """One CSV row (without newline) for one archive line; ValueError on bad input."""
@@ -196,45 +276,46 @@ class UpstreamConverter:
             raise ValueError(f"not JSON ({exc})") from None
         if type(obj) is not dict:
             raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        out = _EMPTY_ROW.copy()
-        out[_TS] = self._time(obj.get("Timestamp"))
+        ts = self._time(obj.get("Timestamp"))
         raw_idm = obj.get("RawIDM")
         if raw_idm is not None:
-            out[_IDM] = self._idm(raw_idm)
+            idm = self._idm(raw_idm)
         else:
+            idm = _NO_IDM
             metadata = obj.get("Metadata")
             if metadata is None:
                 raise ValueError("record has neither Metadata nor RawIDM")
             if type(metadata) is not dict:
                 raise ValueError(f"Metadata: expected an object, got {type(metadata).__name__}")
         attrs = obj.get("Attributes")
-        if attrs is not None:
+        info = None
+        if attrs is None:
+            attributes = _NO_ATTRIBUTES
+        else:
             if type(attrs) is not list:
                 raise ValueError(f"Attributes: expected an array, got {type(attrs).__name__}")
-            observed = not_parsed = 0
-            caches = self._attr_cache
-            for t, text in enumerate(attrs):
-                if text is None:
-                    continue
-                cache = caches[t] if t < 39 else {}
-                hit = cache.get(text)
-                if hit is None:
-                    raw = _b64(text, f"Attributes[{t}]")
-                    hit = _FORMATTERS.get(t, _undecoded)(raw)
-                    if len(cache) > _CACHE_LIMIT:
-                        cache.clear()
-                    cache[text] = hit
-                slot, fragment, ok = hit
-                if slot >= 0:
-                    out[slot] = fragment
-                if 0 < t <= 32:
-                    bit = 1 << (t - 1)
-                    observed |= bit
-                    if not ok:
-                        not_parsed |= bit
-            out[_OBS] = str(observed)
-            out[_NFP] = str(not_parsed)
-        return ",".join(out)
+            if len(attrs) > INET_DIAG_INFO:
+                info = attrs[INET_DIAG_INFO]
+                attrs[INET_DIAG_INFO] = None
+            # Everything but tcp_info tends to repeat from record to record: memoise the whole set.
+            try:
+                key: tuple | None = tuple(attrs)
+                attributes = self._set_cache.get(key)  # type: ignore[arg-type]
+            except TypeError:  # an unhashable value: _attributes reports it
+                key = attributes = None
+            if attributes is None:
+                attributes = self._attributes(attrs)
+                if key is not None:
+                    _bounded_put(self._set_cache, key, attributes)
+        head, tail, observed, not_parsed = attributes
+        if info is None:
+            tcp = _NO_INFO
+        else:
+            tcp, ok = self._info(info)
+            observed |= _INFO_BIT
+            if not ok:
+                not_parsed |= _INFO_BIT
+        return "%s,%d,%d,%s,%s,%s,%s" % (ts, observed, not_parsed, idm, head, tcp, tail)
 
 
 # --- modern schema ---------------------------------------------------------------------------
@@ -300,32 +381,31 @@ def convert(paths: list[str], out: BinaryIO, *, schema: str = "upstream", json_l
             rows.clear()
 
     if not json_lines:
-        rows.append(",".join(UPSTREAM_HEADER if schema == "upstream" else MODERN_HEADER))
+        out.write((",".join(UPSTREAM_HEADER if schema == "upstream" else MODERN_HEADER) + "\n").encode())
     upstream = UpstreamConverter() if schema == "upstream" and not json_lines else None
     for path in paths:
         name = "<stdin>" if path == STDIN else path
         uuid = ""
-        for lineno, line in read_archive(path):
-            try:
-                if upstream is not None:
-                    rows.append(upstream.row(line))
-                else:
-                    fields, metadata = modern_record(line, uuid)
-                    if metadata is not None:
-                        uuid = str(metadata.get("UUID", ""))
-                    if fields is None:
-                        continue
-                    fields["uuid"] = uuid
-                    rows.append(orjson.dumps(fields).decode() if json_lines else _modern_csv_row(fields))
-            except (ValueError, OverflowError) as exc:
-                if not skip_bad:
-                    flush()
-                    raise BadInput(f"{name}:{lineno}: {exc}") from None
-                skipped += 1
-                continue
-            written += 1
-            if len(rows) >= 2000:
-                flush()
+        for first, lines in read_blocks(path):
+            for lineno, line in enumerate(lines, first):
+                try:
+                    if upstream is not None:
+                        rows.append(upstream.row(line))
+                    else:
+                        fields, metadata = modern_record(line, uuid)
+                        if metadata is not None:
+                            uuid = str(metadata.get("UUID", ""))
+                        if fields is None:
+                            continue
+                        fields["uuid"] = uuid
+                        rows.append(orjson.dumps(fields).decode() if json_lines else _modern_csv_row(fields))
+                except (ValueError, OverflowError) as exc:
+                    if not skip_bad:
+                        flush()
+                        raise BadInput(f"{name}:{lineno}: {exc}") from None
+                    skipped += 1
+            written += len(rows)
+            flush()
     flush()
     return written, skipped
 

@@ -55,7 +55,7 @@ def format_time(ns: int, offset_s: int = 0) -> str:
 
 
 _TIME_RE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:(Z)|([+-])(\d{2}):(\d{2}))\Z"
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:(Z)|([+-])(\d{2}):(\d{2}))\Z"
 )
 
 
@@ -77,7 +77,7 @@ def parse_time(s: str) -> tuple[int, int]:
         raise ValueError(f"bad RFC 3339 timestamp {s!r}") from None
     offset = 0 if zulu else (int(oh) * 3600 + int(om) * 60) * (1 if sign == "+" else -1)
     local_s = days * _S_PER_DAY + int(hh) * 3600 + int(mm) * 60 + int(ss)
-    frac_ns = int(frac.ljust(9, "0")) if frac else 0
+    frac_ns = int(frac[:9].ljust(9, "0")) if frac else 0
     return (local_s - offset) * _NS_PER_S + frac_ns, offset
 
 

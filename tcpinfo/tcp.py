@@ -65,9 +65,10 @@ def _parse_fields(rows: str) -> tuple[Field, ...]:
     return tuple(out)
 
 
-def _struct_for(fields: tuple[Field, ...], attr: str) -> struct.Struct:
-    """A little-endian Struct reading ``fields`` (sorted by offset) with explicit padding."""
-    fmt, pos = "<", 0
+def struct_for(fields: tuple[Field, ...], attr: str = "fmt", start: int = 0) -> struct.Struct:
+    """A little-endian Struct reading ``fields`` (sorted by offset, none before ``start``) with
+    explicit padding, to be used with ``unpack_from(buf, start)``."""
+    fmt, pos = "<", start
     for f in fields:
         fmt += "x" * (f.offset - pos) + getattr(f, attr)
         pos = f.offset + struct.calcsize(f.fmt)
@@ -94,7 +95,7 @@ class Layout:
         )
         go_fields = tuple(f for f in self.fields if f.go_fmt is not None)
         self.go_names: tuple[str, ...] = tuple(f.go_name or f.name for f in go_fields)
-        self.go_struct = _struct_for(go_fields, "go_fmt")
+        self.go_struct = struct_for(go_fields, "go_fmt")
         self.go_size = go_size or self.go_struct.size
         self._by_length: dict[int, tuple[struct.Struct, tuple[str, ...]]] = {}
 
@@ -102,7 +103,7 @@ class Layout:
         layout = self._by_length.get(length)
         if layout is None:
             present = tuple(f for f in self.fields if f.offset + struct.calcsize(f.fmt) <= length)
-            layout = (_struct_for(present, "fmt"), tuple(f.name for f in present))
+            layout = (struct_for(present, "fmt"), tuple(f.name for f in present))
             self._by_length[length] = layout
         return layout
 
