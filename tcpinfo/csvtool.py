@@ -173,12 +173,20 @@ _INFO_REST_TEMPLATE = ",%d" * len(_INFO_REST.unpack(bytes(_INFO_REST.size)))
 _INFO_BIT = 1 << (INET_DIAG_INFO - 1)
 
 
+_a2b = binascii.a2b_base64
+
+
 def _b64(text: object, what: str) -> bytes:
+    """Decode a base64 JSON value; ValueError naming ``what`` for a wrong type or bad text."""
+    try:
+        return _a2b(text, strict_mode=True)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        pass
     if type(text) is not str:
         raise ValueError(f"{what}: expected a base64 string or null, got {type(text).__name__}")
     try:
-        return binascii.a2b_base64(text, strict_mode=True)
-    except binascii.Error as exc:
+        return _a2b(text, strict_mode=True)
+    except ValueError as exc:  # binascii.Error, or non-ASCII text
         raise ValueError(f"{what}: bad base64 ({exc})") from None
 
 
@@ -191,6 +199,12 @@ def _bounded_put(cache: dict, key: object, value: object) -> None:
 
 class UpstreamConverter:
     """Turns archive lines into rows of upstream's CSV, memoising formatted fragments."""
+
+    def header(self) -> str:
+        return ",".join(UPSTREAM_HEADER)
+
+    def start_file(self) -> None:
+        """Nothing carries over between files in upstream's schema."""
 
     def __init__(self) -> None:
         self._attr_cache: dict[tuple[int, str], tuple[str, bool]] = {}
@@ -219,7 +233,10 @@ class UpstreamConverter:
         return format_time(ns, offset)
 
     def _idm(self, text: object) -> str:
-        raw = _b64(text, "RawIDM")
+        try:
+            raw = _a2b(text, strict_mode=True)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raw = _b64(text, "RawIDM")
         if len(raw) < IDM_LEN:
             raise ValueError(f"RawIDM too short: {len(raw)} bytes < {IDM_LEN}")
         # Bytes 0-51 (family .. cookie) rarely change within a connection: format them once.
@@ -236,7 +253,10 @@ class UpstreamConverter:
 
     def _info(self, text: object) -> tuple[str, bool]:
         """The TCP.* columns and whether upstream parsed them fully (not longer than its struct)."""
-        raw = _b64(text, f"Attributes[{INET_DIAG_INFO}]")
+        try:
+            raw = _a2b(text, strict_mode=True)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raw = _b64(text, f"Attributes[{INET_DIAG_INFO}]")
         n = len(raw)
         if n < _INFO_LEN:
             raw += bytes(_INFO_LEN - n)
@@ -330,15 +350,18 @@ MODERN_HEADER: list[str] = (
 )
 
 
-def modern_record(line: bytes, uuid: str) -> tuple[dict[str, object] | None, dict | None]:
-    """(decoded fields of a data line or None for a header line, the line's Metadata or None)."""
+def modern_fields(line: bytes) -> tuple[dict[str, object] | None, dict | None]:
+    """(decoded fields of a data line, or None for a header line; the line's Metadata or None).
+
+    Absent means not sent: a field the kernel did not send is missing from the dict.
+    """
     d = decode_line(line)
     if d.raw_idm is None:
         if d.metadata is None:
             raise ValueError("record has neither Metadata nor RawIDM")
         return None, d.metadata
     idm = decode_idm(d.raw_idm)
-    fields: dict[str, object] = {"uuid": uuid}
+    fields: dict[str, object] = {}
     if d.ts_ns != ZERO_TIME_NS or d.offset_s:
         fields["timestamp"] = format_time(d.ts_ns, d.offset_s)
     fields.update({
@@ -355,8 +378,29 @@ def modern_record(line: bytes, uuid: str) -> tuple[dict[str, object] | None, dic
     return fields, d.metadata
 
 
-def _modern_csv_row(fields: dict[str, object]) -> str:
-    return ",".join(go_csv_field(str(fields.get(col, ""))) for col in MODERN_HEADER)
+class ModernConverter:
+    """Rows of the modern schema (CSV or JSON lines); the UUID comes from the file's header line."""
+
+    def __init__(self, json_lines: bool) -> None:
+        self.json_lines = json_lines
+        self.uuid = ""
+
+    def header(self) -> str | None:
+        return None if self.json_lines else ",".join(MODERN_HEADER)
+
+    def start_file(self) -> None:
+        self.uuid = ""
+
+    def row(self, line: bytes) -> str | None:
+        fields, metadata = modern_fields(line)
+        if metadata is not None:
+            self.uuid = str(metadata.get("UUID", ""))
+        if fields is None:
+            return None
+        fields = {"uuid": self.uuid, **fields}
+        if self.json_lines:
+            return orjson.dumps(fields).decode()
+        return ",".join(go_csv_field(str(fields.get(col, ""))) for col in MODERN_HEADER)
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -370,44 +414,41 @@ def convert(paths: list[str], out: BinaryIO, *, schema: str = "upstream", json_l
     """Stream every line of ``paths`` to ``out``; returns (rows written, bad lines skipped).
 
     Raises BadInput (or ArchiveError for unreadable/corrupt files) on the first bad line unless
-    ``skip_bad``.  Output is flushed in blocks, so memory stays flat whatever the input size.
+    ``skip_bad``.  Output is written once per input block, so memory stays flat whatever the size.
     """
-    rows: list[str] = []
+    converter: UpstreamConverter | ModernConverter = (
+        UpstreamConverter() if schema == "upstream" and not json_lines else ModernConverter(json_lines))
+    header = converter.header()
+    if header is not None:
+        out.write((header + "\n").encode())
+    row = converter.row
     written = skipped = 0
-
-    def flush() -> None:
-        if rows:
-            out.write(("\n".join(rows) + "\n").encode("utf-8", "surrogateescape"))
-            rows.clear()
-
-    if not json_lines:
-        out.write((",".join(UPSTREAM_HEADER if schema == "upstream" else MODERN_HEADER) + "\n").encode())
-    upstream = UpstreamConverter() if schema == "upstream" and not json_lines else None
     for path in paths:
         name = "<stdin>" if path == STDIN else path
-        uuid = ""
+        converter.start_file()
         for first, lines in read_blocks(path):
-            for lineno, line in enumerate(lines, first):
-                try:
-                    if upstream is not None:
-                        rows.append(upstream.row(line))
-                    else:
-                        fields, metadata = modern_record(line, uuid)
-                        if metadata is not None:
-                            uuid = str(metadata.get("UUID", ""))
-                        if fields is None:
-                            continue
-                        fields["uuid"] = uuid
-                        rows.append(orjson.dumps(fields).decode() if json_lines else _modern_csv_row(fields))
-                except (ValueError, OverflowError) as exc:
-                    if not skip_bad:
-                        flush()
-                        raise BadInput(f"{name}:{lineno}: {exc}") from None
-                    skipped += 1
-            written += len(rows)
-            flush()
-    flush()
+            try:
+                rows = list(map(row, lines))  # the fast path: no per-line Python loop
+            except (ValueError, OverflowError):
+                rows = []
+                for lineno, line in enumerate(lines, first):
+                    try:
+                        rows.append(row(line))
+                    except (ValueError, OverflowError) as exc:
+                        if not skip_bad:
+                            _write(out, rows)
+                            raise BadInput(f"{name}:{lineno}: {exc}") from None
+                        skipped += 1
+            written += _write(out, rows)
     return written, skipped
+
+
+def _write(out: BinaryIO, rows: list[str | None]) -> int:
+    """Write the rows that exist (header lines give none); returns how many."""
+    present = [r for r in rows if r is not None] if None in rows else rows
+    if present:
+        out.write(("\n".join(present) + "\n").encode("utf-8", "surrogateescape"))  # type: ignore[arg-type]
+    return len(present)
 
 
 def _parser() -> argparse.ArgumentParser:
