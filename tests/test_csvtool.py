@@ -1,0 +1,182 @@
+"""The csvtool console script, run as a subprocess: upstream byte identity, extras, bad input."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import zstandard
+from test_record import ARCHIVES, TESTDATA
+
+from tcpinfo.archive import read_archive
+from tcpinfo.bench_csvtool import write_archive
+
+CSVTOOL = shutil.which("csvtool") or pytest.fail("the csvtool console script is not installed")
+NDT = TESTDATA / "mlab" / "ndt-7hhhv_1559749627_0000000000062D84.00000.jsonl.zst"
+FINWAIT = TESTDATA / "mlab" / "finwait2-sample_1554836592_unsafe_000000000135A272.00000.jsonl.zst"
+
+
+def expected_csv(archive: Path) -> bytes:
+    return (archive.parent / "expected-csv" / archive.name.replace(".jsonl.zst", ".csv")).read_bytes()
+
+
+def plain(archive: Path) -> bytes:
+    return zstandard.ZstdDecompressor().stream_reader(open(archive, "rb")).read()
+
+
+def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CSVTOOL, *args], input=stdin, capture_output=True, timeout=120)
+
+
+def rows(output: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(output.decode())))
+
+
+@pytest.mark.parametrize("archive", ARCHIVES, ids=lambda p: p.name)
+def test_default_output_is_byte_identical_to_upstream(archive: Path) -> None:
+    result = run(str(archive))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_csv(archive)
+
+
+def test_no_argument_reads_plain_jsonl_from_stdin_like_upstream() -> None:
+    result = run(stdin=plain(FINWAIT))
+    assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
+
+
+def test_dash_reads_stdin_and_detects_zstd() -> None:
+    result = run("-", stdin=FINWAIT.read_bytes())
+    assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
+
+
+def test_module_entry_point_matches_console_script() -> None:
+    result = subprocess.run([sys.executable, "-m", "tcpinfo.csvtool", str(FINWAIT)], capture_output=True)
+    assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
+
+
+def test_multi_frame_zstd_file_reads_across_frames(tmp_path: Path) -> None:
+    data = plain(FINWAIT)
+    half = data.index(b"\n", len(data) // 2) + 1
+    cctx = zstandard.ZstdCompressor()
+    (tmp_path / "two.jsonl.zst").write_bytes(cctx.compress(data[:half]) + cctx.compress(data[half:]))
+    assert run(str(tmp_path / "two.jsonl.zst")).stdout == expected_csv(FINWAIT)
+
+
+def test_several_files_and_directories_give_one_header_in_sorted_order(tmp_path: Path) -> None:
+    (tmp_path / "b" / "deeper").mkdir(parents=True)
+    (tmp_path / "b" / "deeper" / FINWAIT.name).symlink_to(FINWAIT)
+    (tmp_path / "a.jsonl.zst").symlink_to(NDT)
+    (tmp_path / "notes.txt").write_text("not an archive")
+    result = run(str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    ndt, fin = expected_csv(NDT), expected_csv(FINWAIT)
+    assert result.stdout == ndt + fin.split(b"\n", 1)[1]
+    assert run(str(FINWAIT), str(NDT)).stdout == fin + ndt.split(b"\n", 1)[1]
+
+
+def test_modern_schema_has_uuid_correct_names_and_no_metadata_row() -> None:
+    result = run("--schema", "modern", str(NDT))
+    assert result.returncode == 0, result.stderr
+    table = rows(result.stdout)
+    assert len(table) == 891  # records only
+    first = table[0]
+    assert first["uuid"] == "ndt-7hhhv_1559749627_0000000000062D84"
+    assert first["timestamp"] == "2019-07-01T00:00:12.092Z"
+    assert (first["idm.src"], first["idm.sport"], first["idm.cookie"]) == ("63.243.240.101", "33475", str(0x62D84))
+    assert (first["tcp.snd_wscale"], first["tcp.rcv_wscale"]) == ("8", "7")
+    assert first["tcp.last_ack_recv"] == "8" and first["skmeminfo.sndbuf"] == "46080"
+    assert first["tcp.rcv_ooopack"] == "" and first["tcp.snd_wnd"] == ""  # 224 bytes: not sent
+    assert first["class_id"] == "" and first["vegas.rtt"] == ""
+
+
+def test_modern_schema_shows_every_field_a_new_kernel_sent() -> None:
+    archive = sorted((TESTDATA / "kernel-6.18").glob("*.jsonl.zst"))[0]
+    first = rows(run("--schema", "modern", str(archive)).stdout)[0]
+    for column in ("tcp.snd_wnd", "tcp.rcv_wnd", "tcp.total_rto_time", "tcp.received_ce_bytes",
+                   "tcp.accecn_opt_seen", "cgroup_id", "sockopt", "class_id", "mark", "bbr.min_rtt"):
+        assert first[column] != "", column
+
+
+def test_json_lines_output_omits_absent_fields() -> None:
+    result = run("--json", str(NDT))
+    lines = result.stdout.splitlines()
+    assert len(lines) == 891
+    first = orjson.loads(lines[0])
+    assert first["uuid"] == "ndt-7hhhv_1559749627_0000000000062D84"
+    assert first["tcp.rtt"] == 172227 and first["tcp.max_pacing_rate"] == 2**64 - 1
+    assert "tcp.snd_wnd" not in first and "vegas.rtt" not in first
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, int]]:
+    """name -> (file, line number the error must name)."""
+    good = plain(FINWAIT).splitlines(keepends=True)
+    idm = orjson.loads(good[1])["RawIDM"]
+    cases = {
+        "truncated-zstd.jsonl.zst": (FINWAIT.read_bytes()[:-200], 1),
+        "corrupt-frame.jsonl.zst": (FINWAIT.read_bytes()[:60] + bytes(40) + FINWAIT.read_bytes()[100:], 1),
+        "not-json.jsonl": (b"".join(good[:3]) + b"{oops\n" + b"".join(good[3:]), 4),
+        "wrong-types.jsonl": (good[0] + b'{"Timestamp":[],"RawIDM":3}\n', 2),
+        "attribute-type.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,7]}\n' % idm.encode(), 2),
+        "short-idm.jsonl": (b"".join(good[:5]) + b'{"RawIDM":"AAAA"}\n', 6),
+        "empty-cong.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,null,null,null,""]}\n' % idm.encode(), 2),
+        "bad-base64.jsonl": (good[0] + b'{"RawIDM":"%s!"}\n' % idm.encode(), 2),
+        "empty-record.jsonl": (good[0] + b'{"Timestamp":"2019-08-26T19:55:42Z"}\n', 2),
+    }
+    out = {}
+    for name, (data, line) in cases.items():
+        (tmp / name).write_bytes(data)
+        out[name] = (tmp / name, line)
+    out["missing.jsonl.zst"] = (tmp / "missing.jsonl.zst", 0)
+    return out
+
+
+@pytest.mark.parametrize("case", ["truncated-zstd.jsonl.zst", "corrupt-frame.jsonl.zst", "not-json.jsonl",
+                                  "wrong-types.jsonl", "attribute-type.jsonl", "short-idm.jsonl",
+                                  "empty-cong.jsonl", "bad-base64.jsonl", "empty-record.jsonl",
+                                  "missing.jsonl.zst"])
+@pytest.mark.parametrize("schema", ["upstream", "modern"])
+def test_bad_input_is_one_line_error_naming_file_and_line(tmp_path: Path, case: str, schema: str) -> None:
+    path, line = _bad_inputs(tmp_path)[case]
+    result = run("--schema", schema, str(path))
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"csvtool: {path}:{line}: " if line else f"csvtool: {path}: ")
+
+
+def test_skip_bad_skips_bad_lines_and_reports_the_count(tmp_path: Path) -> None:
+    good = plain(FINWAIT).splitlines(keepends=True)
+    data = b"".join(good[:3]) + b"nope\n" + b"".join(good[3:]) + b'{"RawIDM":"AAAA"}\n'
+    (tmp_path / "mixed.jsonl").write_bytes(data)
+    result = run("--skip-bad", str(tmp_path / "mixed.jsonl"))
+    assert result.returncode == 0
+    assert result.stderr == b"csvtool: skipped 2 bad lines\n"
+    assert result.stdout == expected_csv(FINWAIT)
+
+
+def test_one_million_records_convert_in_bounded_memory(tmp_path: Path) -> None:
+    small = tmp_path / "small.jsonl.zst"
+    big = tmp_path / "big.jsonl.zst"
+    write_archive(small, 1_000)
+    write_archive(big, 1_000_000)
+
+    def peak_rss_kib(path: Path) -> tuple[int, int]:
+        with open(os.devnull, "wb") as sink:
+            proc = subprocess.Popen([CSVTOOL, str(path)], stdout=sink)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0
+        return usage.ru_maxrss, sum(1 for _ in read_archive(str(path)))
+
+    small_rss, _ = peak_rss_kib(small)
+    big_rss, lines = peak_rss_kib(big)
+    assert lines == 1_000_000
+    # The decompressed input is ~580 MB; a streaming converter stays within a few tens of MB of
+    # what it needs for a thousand records (memo tables are capped).
+    assert big_rss < small_rss + 64 * 1024, (small_rss, big_rss)
