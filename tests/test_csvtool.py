@@ -178,5 +178,5 @@ def test_one_million_records_convert_in_bounded_memory(tmp_path: Path) -> None:
     big_rss, lines = peak_rss_kib(big)
     assert lines == 1_000_000
     # The decompressed input is ~580 MB; a streaming converter stays within a few tens of MB of
-    # what it needs for a thousand records (memo tables are capped).
-    assert big_rss < small_rss + 64 * 1024, (small_rss, big_rss)
+    # what it needs for a thousand records (memo tables are capped; measured: +10 MiB).
+    assert big_rss < small_rss + 32 * 1024, (small_rss, big_rss)
