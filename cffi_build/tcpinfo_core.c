@@ -13,6 +13,7 @@
 #include "tcpinfo_core.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -65,6 +66,8 @@ struct tcpi_core {
     uint32_t buf_size;
     uint8_t ext;
     uint32_t states;
+    uint8_t *bytecode;
+    uint32_t bytecode_len;
     uint32_t epoch;
     int exclude_local;
     uint8_t srcport[65536 / 8];
@@ -361,9 +364,11 @@ static int send_request(struct tcpi_core *c, uint8_t family)
     struct {
         struct nlmsghdr nh;
         struct inet_diag_req_v2 req;
+        struct nlattr bc;
     } msg;
     memset(&msg, 0, sizeof(msg));
-    msg.nh.nlmsg_len = sizeof(msg);
+    size_t head = offsetof(__typeof__(msg), bc);
+    msg.nh.nlmsg_len = (uint32_t)head;
     msg.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
     msg.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
     msg.nh.nlmsg_seq = ++c->seq;
@@ -371,14 +376,24 @@ static int send_request(struct tcpi_core *c, uint8_t family)
     msg.req.sdiag_protocol = IPPROTO_TCP;
     msg.req.idiag_ext = c->ext;
     msg.req.idiag_states = c->states;
+    struct iovec iov[3] = {{&msg, head}, {&msg.bc, 0}, {c->bytecode, 0}};
+    if (c->bytecode_len) {
+        msg.bc.nla_type = INET_DIAG_REQ_BYTECODE;
+        msg.bc.nla_len = (uint16_t)(NLA_HDRLEN + c->bytecode_len);
+        msg.nh.nlmsg_len += NLA_HDRLEN + NLA_ALIGN(c->bytecode_len);
+        iov[1].iov_len = NLA_HDRLEN;
+        iov[2].iov_len = NLA_ALIGN(c->bytecode_len);  /* buffer is allocated aligned */
+    }
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    struct msghdr mh = {.msg_name = &kernel, .msg_namelen = sizeof(kernel), .msg_iov = iov,
+                        .msg_iovlen = 3};
     if (c->fd < 0 && open_socket(c) < 0)
         return -1;
     ssize_t r;
     do
-        r = sendto(c->fd, &msg, sizeof(msg), 0, (struct sockaddr *)&kernel, sizeof(kernel));
+        r = sendmsg(c->fd, &mh, 0);
     while (r < 0 && errno == EINTR);
-    return r == (ssize_t)sizeof(msg) ? 0 : -1;
+    return r == (ssize_t)msg.nh.nlmsg_len ? 0 : -1;
 }
 
 static ssize_t recv_some(struct tcpi_core *c, int *truncated)
@@ -573,6 +588,7 @@ void tcpi_core_free(struct tcpi_core *c)
     free(c->tbl.slots);
     free(c->buf);
     free(c->dstip);
+    free(c->bytecode);
     free(c->arena.data);
     free(c->changed.v);
     free(c->gone.v);
@@ -583,6 +599,23 @@ void tcpi_set_request(struct tcpi_core *c, uint8_t ext, uint32_t states)
 {
     c->ext = ext;
     c->states = states;
+}
+
+int tcpi_set_bytecode(struct tcpi_core *c, const uint8_t *bc, uint32_t len)
+{
+    if (len > 65535 - NLA_HDRLEN)
+        return -1;
+    uint8_t *copy = NULL;
+    if (len) {
+        copy = calloc(1, NLA_ALIGN(len));
+        if (!copy)
+            return -1;
+        memcpy(copy, bc, len);
+    }
+    free(c->bytecode);
+    c->bytecode = copy;
+    c->bytecode_len = len;
+    return 0;
 }
 
 void tcpi_exclude_local(struct tcpi_core *c, int on) { c->exclude_local = on; }

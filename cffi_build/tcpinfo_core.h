@@ -81,6 +81,11 @@ void tcpi_core_free(struct tcpi_core *core);
 /* Request shape: upstream sends ext 0xFF and states 0x0F37. */
 void tcpi_set_request(struct tcpi_core *core, uint8_t ext, uint32_t states);
 
+/* Attaches an inet_diag bytecode program (INET_DIAG_REQ_BYTECODE) to every dump
+ * request, so the kernel filters before serializing; len 0 removes it.  The kernel
+ * audits the program: a rejected one makes each dump fail with NLMSG_ERROR EINVAL. */
+int tcpi_set_bytecode(struct tcpi_core *core, const uint8_t *bytecode, uint32_t len);
+
 /* Exclusions, checked in upstream's order: source port, local address, destination IP. */
 void tcpi_exclude_local(struct tcpi_core *core, int on);
 void tcpi_exclude_srcport(struct tcpi_core *core, uint16_t port);

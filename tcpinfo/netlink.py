@@ -119,6 +119,15 @@ class Poller:
             if lib.tcpi_exclude_dstip(self._core, key) != 0:
                 raise ValueError("too many excluded destination addresses (limit 1024)")
 
+    def set_bytecode(self, program: bytes) -> None:
+        """Attaches an inet_diag bytecode filter to every dump (b"" removes it).
+
+        The kernel audits it per dump; a rejected program makes the dumps fail with
+        NLMSG_ERROR (EINVAL), which `poll` reports in the family stats.
+        """
+        if lib.tcpi_set_bytecode(self._core, program, len(program)) != 0:
+            raise ValueError(f"bytecode of {len(program)} bytes is too long or memory ran out")
+
     def poll(self) -> PollResult:
         """Dumps IPv6 then IPv4 sockets; returns only new, changed and vanished ones."""
         lib.tcpi_poll(self._core, self._out)

@@ -162,3 +162,22 @@ def test_exclusions_drop_ports_destinations_and_local_addresses(testnet):
 def test_bad_exclusion_port_is_rejected():
     with pytest.raises(ValueError):
         Poller(Exclusions(srcports={70000}))
+
+
+def test_failed_dump_never_reports_its_connections_vanished(testnet):
+    client, server, _ = testnet.connect()
+    poller = poller_in(testnet, testnet.ns_a)
+    settle(poller)
+    # The kernel audits bytecode: a lone JMP that jumps nowhere is rejected with EINVAL.
+    poller.set_bytecode(bytes([1, 0, 0, 0]))  # op INET_DIAG_BC_JMP, yes=0, no=0
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cookie = cookie_of(client)
+    client.close()
+    failed = poller.poll()
+    assert failed.inet.error == "NLMSG_ERROR" and failed.inet.errno == 22
+    assert failed.inet6.error == "NLMSG_ERROR"
+    assert failed.vanished == [] and failed.tracked == 1
+    poller.set_bytecode(b"")
+    recovered = poller.poll()
+    assert recovered.inet.error is None
+    assert [v.cookie for v in recovered.vanished] == [cookie]
