@@ -62,7 +62,9 @@ def run(config: flags.Config) -> int:
         log.info("Serving metrics on port %d", port)
     poller = Poller(Exclusions(local=config.exclude_local, srcports=set(config.exclude_srcport),
                                dstips=list(config.exclude_dstip)))
-    events = EventServer(config.eventsocket) if config.eventsocket else NullServer()
+    events = (EventServer(config.eventsocket, mode=config.eventsocket_mode,
+                          queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay)
+              if config.eventsocket else NullServer())
     try:
         events.start()
     except OSError:

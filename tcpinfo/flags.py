@@ -38,6 +38,9 @@ class Config:
     exclude_srcport: list[int] = field(default_factory=list)
     exclude_dstip: list[str] = field(default_factory=list)
     eventsocket: str = ""
+    eventsocket_mode: int = 0o666
+    eventsocket_replay: bool = False
+    eventsocket_queue: int = 10000
     anonymize_ip: str = "none"
     listen_address: str = ":9990"
     uuid_prefix: str | None = None
@@ -163,6 +166,25 @@ def parse_listen_address(text: str) -> str:
     return text
 
 
+def parse_mode(text: str) -> int:
+    """File permissions in octal, as chmod takes them (0660, 660)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"invalid file mode {text!r}: want octal such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"file mode {text!r} is outside 0-0777")
+    return mode
+
+
+def parse_queue(text: str) -> int:
+    """A positive event count (Go integer syntax)."""
+    value = parse_go_int(text)
+    if value < 1:
+        raise ValueError(f"queue length {text!r} must be at least 1")
+    return value
+
+
 def parse_text(text: str) -> str:
     return text
 
@@ -220,6 +242,15 @@ FLAGS: tuple[Flag, ...] = (
          kind="list", metavar="ip"),
     Flag("tcpinfo.eventsocket", "eventsocket", parse_text,
          "Path of the Unix socket on which open/close events are served; empty: no socket."),
+    Flag("tcpinfo.eventsocket-mode", "eventsocket_mode", parse_mode,
+         "Permissions of the event socket file, in octal.", metavar="mode"),
+    Flag("tcpinfo.eventsocket-replay", "eventsocket_replay", parse_bool,
+         "Send a client that connects an Open event for every connection already open.",
+         kind="bool"),
+    Flag("tcpinfo.eventsocket-queue", "eventsocket_queue", parse_queue,
+         "Events queued per event-socket client; a client that falls this far behind is "
+         "disconnected (its lost events are counted) so it never stalls the collector.",
+         metavar="int"),
     Flag("anonymize.ip", "anonymize_ip", parse_anonymization,
          "IP anonymization of archived records: none, or netblock (IPv4 /24, IPv6 /48; the "
          "host's own addresses are kept).", metavar="method"),
@@ -271,6 +302,8 @@ def _show(flag: Flag, value: object) -> str:
         return format_duration(value)  # type: ignore[arg-type]
     if flag.parse is parse_size:
         return format_size(value)  # type: ignore[arg-type]
+    if flag.parse is parse_mode:
+        return f"{value:04o}"
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

@@ -6,6 +6,7 @@ import os
 import pstats
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -399,3 +400,25 @@ def test_a_busy_connection_rotates_into_numbered_files_with_one_start_time(testn
     assert [h["Sequence"] for h in headers] == list(range(len(files)))
     assert [path.name.split(".")[1] for path in files] == [f"{i:05d}" for i in range(len(files))]
     assert len({h["StartTime"] for h in headers}) == 1
+
+
+def test_event_socket_flags_set_its_permissions_and_replay_open_connections(
+        testnet, tmp_path, daemons):
+    path = tmp_path / "replay.sock"
+    already_open, _server, _ = testnet.connect()
+    daemon = daemons(testnet, testnet.ns_a, tmp_path / "out", f"-tcpinfo.eventsocket={path}",
+                     "-tcpinfo.eventsocket-mode=0600", "-tcpinfo.eventsocket-replay")
+    daemon.wait_for("First poll done")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    late = socket.socket(socket.AF_UNIX)
+    late.settimeout(5)
+    late.connect(str(path))
+    replayed = orjson.loads(late.makefile("rb").readline())
+    assert (replayed["Event"], replayed["UUID"]) == (0, uuid_of(already_open))
+    assert daemon.stop() == 0, daemon.text()
+    assert not path.exists()
+
+
+def test_bad_event_socket_mode_exits_2(testnet, tmp_path):
+    proc = testnet.exec(testnet.ns_a, "tcp-info", "-tcpinfo.eventsocket-mode=999")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
