@@ -7,6 +7,7 @@ formatted (as in a real archive) rather than served from csvtool's memo tables.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import sys
 import tempfile
@@ -20,7 +21,17 @@ from .csvtool import convert
 from .inetdiag import INET_DIAG_INFO
 from .record import decode_line, encode_record
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+
+
+def testdata_dir() -> Path:
+    """The shared testdata: $TCPINFO_TESTDATA, or shared/ beside a source checkout or the cwd."""
+    candidates = [Path(os.environ["TCPINFO_TESTDATA"])] if "TCPINFO_TESTDATA" in os.environ else []
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "testdata",
+                   Path.cwd().parent / "shared" / "testdata", Path.cwd() / "shared" / "testdata"]
+    for path in candidates:
+        if any(path.glob("*/*.jsonl.zst")):
+            return path
+    raise FileNotFoundError("no shared testdata found: set TCPINFO_TESTDATA to shared/testdata")
 _U32 = struct.Struct("<I")
 _EXPIRES_OFFSET = 52
 _LAST_DATA_SENT_OFFSET = 44
@@ -29,7 +40,7 @@ _LAST_DATA_SENT_OFFSET = 44
 def sample_records() -> list:
     """Every data record of the shared testdata archives, decoded."""
     records = []
-    for path in sorted(TESTDATA.glob("*/*.jsonl.zst")):
+    for path in sorted(testdata_dir().glob("*/*.jsonl.zst")):
         for _, line in read_archive(str(path)):
             decoded = decode_line(line)
             if decoded.raw_idm is not None:

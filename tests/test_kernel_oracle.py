@@ -33,7 +33,7 @@ def bulk_transfer(server: socket.socket, client: socket.socket, nbytes: int) -> 
             client.recv(1 << 20)
         except BlockingIOError:
             pass
-        info = decode_tcp_info(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
+        info = kernel_info(server)
         if sent == nbytes and info["unacked"] == 0:
             time.sleep(0.3)  # let delayed ACKs and rtt samples settle
             return
@@ -62,17 +62,38 @@ def own_cgroup_id() -> int:
     return os.stat(os.path.join(mount, path.lstrip("/"))).st_ino
 
 
+def kernel_info(sock: socket.socket) -> dict:
+    return decode_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
+
+
+def consistent_views(topo, server: socket.socket):
+    """Our record, TCP_INFO and ss taken while the kernel's view stood still.
+
+    A late window update or timer can move rtt between two reads; a view taken between two
+    identical TCP_INFO reads is consistent, so retry until one is.
+    """
+    for _ in range(20):
+        before = kernel_info(server)
+        with topo.inside(topo.ns_b):
+            poller = Poller()
+        change = next(c for c in poller.poll().changes if c.cookie == cookie_of(server))
+        line = ss_line(topo, topo.ns_b, server.getsockname()[1])
+        after = kernel_info(server)
+        poller.close()
+        if {k: v for k, v in before.items() if not k.startswith("last_")} == \
+                {k: v for k, v in after.items() if not k.startswith("last_")}:
+            return change, after, line
+        time.sleep(0.2)
+    raise AssertionError("the kernel's view of the socket never stood still")
+
+
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
 def test_decoded_snapshot_matches_ss_and_getsockopt(shaped_testnet, family):
     topo = shaped_testnet
     client, server, _ = topo.connect(family)
     client.sendall(b"request")
     bulk_transfer(server, client, 600_000)  # 2.4 s at 2 Mbit/s, overflowing a 30 KB queue
-    with topo.inside(topo.ns_b):
-        poller = Poller()
-    change = next(c for c in poller.poll().changes if c.cookie == cookie_of(server))
-    kernel = decode_tcp_info(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
-    line = ss_line(topo, topo.ns_b, server.getsockname()[1])
+    change, kernel, line = consistent_views(topo, server)
 
     idm, attrs = split_message(change.payload)
     info = decode_tcp_info(attrs[2])
