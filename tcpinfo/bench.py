@@ -6,7 +6,7 @@ have 2N file descriptors) and prints, side by side, wall time and CPU per poll f
   * tcpinfo: one Poller.poll() (dump both families, diff in C, nothing changed);
   * bare C loop: the same request, only received and counted (the kernel's floor);
   * ss -tin: iproute2 run once per poll, as a user would.
-Other subcommands time csvtool and the saver.  Needs root (namespaces).
+`csvtool` and `saver` time the converter and the write path.  Needs root (namespaces).
 """
 from __future__ import annotations
 
@@ -134,7 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("poll", help="poll cost vs the bare C loop and ss -tin")
     p.add_argument("-n", "--connections", type=int, default=10000)
     p.add_argument("-r", "--rounds", type=int, default=40)
+    c = sub.add_parser("csvtool", help="csvtool rows/s in the default schema")
+    c.add_argument("-n", "--records", type=int, default=200_000)
+    w = sub.add_parser("saver", help="end-to-end records/s: split, encode, compress, write")
+    w.add_argument("-n", "--records", type=int, default=300_000)
+    w.add_argument("--anonymize", action="store_true")
     args = ap.parse_args(argv)
+    if args.what == "csvtool":
+        from tcpinfo import bench_csvtool
+        print(bench_csvtool.run(args.records))
+        return 0
+    if args.what == "saver":
+        from tcpinfo import bench_saver
+        print(bench_saver.run(args.records, anonymize=args.anonymize))
+        return 0
     if os.geteuid() != 0:
         print("tcpinfo-bench: needs root to create network namespaces", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -422,3 +423,40 @@ def test_event_socket_flags_set_its_permissions_and_replay_open_connections(
 def test_bad_event_socket_mode_exits_2(testnet, tmp_path):
     proc = testnet.exec(testnet.ns_a, "tcp-info", "-tcpinfo.eventsocket-mode=999")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+
+
+CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+for line in s.makefile("rb"):
+    sys.stdout.buffer.write(line)
+    sys.stdout.flush()
+"""
+
+
+def test_a_client_process_gets_upstreams_exact_open_and_close_bytes(testnet, tmp_path, daemons):
+    path = tmp_path / "events.sock"
+    daemon = daemons(testnet, testnet.ns_a, tmp_path / "out", f"-tcpinfo.eventsocket={path}")
+    daemon.wait_for("First poll done")
+    reader = subprocess.Popen([sys.executable, "-c", CLIENT, str(path)], stdout=subprocess.PIPE)
+    time.sleep(0.3)  # the client is registered before the flow appears
+    client, server, _ = testnet.connect()
+    opened = reader.stdout.readline()
+    ts = orjson.loads(opened)["Timestamp"]
+    parse_time(ts)
+    assert ts.endswith("Z")
+    cookie, uuid = cookie_of(client), uuid_of(client)
+    signed = cookie - (1 << 64) if cookie >= 1 << 63 else cookie
+    expected = (f'{{"Event":0,"Timestamp":"{ts}","UUID":"{uuid}","ID":{{"SPort":'
+                f'{client.getsockname()[1]},"DPort":{client.getpeername()[1]},"SrcIP":"{testnet.a4}",'
+                f'"DstIP":"{testnet.b4}","Interface":0,"Cookie":{signed}}}}}\n').encode()
+    assert opened == expected
+    client.close()
+    server.close()
+    closed = reader.stdout.readline()
+    close_ts = orjson.loads(closed)["Timestamp"]
+    assert closed == f'{{"Event":1,"Timestamp":"{close_ts}","UUID":"{uuid}","ID":null}}\n'.encode()
+    assert parse_time(close_ts)[0] >= parse_time(ts)[0]
+    assert daemon.stop() == 0, daemon.text()
+    reader.wait(5)
