@@ -115,6 +115,45 @@ def bench_poll(n: int, rounds: int) -> dict:
         topo.destroy()
 
 
+def _vm_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def bench_daemon(n: int, seconds: float) -> dict:
+    """Resident memory of the real tcp-info over n idle connections, archives on tmpfs."""
+    import shutil
+    import signal
+    import tempfile
+    topo = Topology()
+    holders, out = [], tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        holders = open_connections(topo, n)
+        proc = topo.popen(topo.ns_b, "tcp-info", "-output", out, "-prometheusx.listen-address=",
+                          stderr=subprocess.DEVNULL)
+        start = time.monotonic()
+        files = 0
+        while time.monotonic() - start < seconds + 120 and files < n:
+            time.sleep(0.5)
+            files = sum(len(f) for _, _, f in os.walk(out))
+        time.sleep(seconds)
+        rss = _vm_rss_mb(int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0])
+                         if _is_wrapper(proc.pid) else proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        return {"connections": n, "archives": files, "rss_mb": round(rss, 1), "exit": code}
+    finally:
+        close_connections(holders)
+        topo.destroy()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _is_wrapper(pid: int) -> bool:
+    """`ip netns exec` execs the program in place; be safe if it ever forks instead."""
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip() == "ip"
+
+
 def print_poll(r: dict) -> None:
     (tw, tc), (bw, bc), (sw, sc) = r["tcpinfo"], r["bare"], r["ss"]
     print(f"{r['connections']} idle connections ({r['sockets_dumped']} sockets dumped), "
@@ -134,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("poll", help="poll cost vs the bare C loop and ss -tin")
     p.add_argument("-n", "--connections", type=int, default=10000)
     p.add_argument("-r", "--rounds", type=int, default=40)
+    d = sub.add_parser("daemon", help="resident memory of tcp-info over N idle connections")
+    d.add_argument("-n", "--connections", type=int, default=10000)
+    d.add_argument("-s", "--seconds", type=float, default=10.0)
     c = sub.add_parser("csvtool", help="csvtool rows/s in the default schema")
     c.add_argument("-n", "--records", type=int, default=200_000)
     w = sub.add_parser("saver", help="end-to-end records/s: split, encode, compress, write")
@@ -151,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("tcpinfo-bench: needs root to create network namespaces", file=sys.stderr)
         return 2
+    if args.what == "daemon":
+        print(bench_daemon(args.connections, args.seconds))
     if args.what == "poll":
         print_poll(bench_poll(args.connections, args.rounds))
     return 0
