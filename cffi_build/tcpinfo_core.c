@@ -13,6 +13,7 @@
 #include "tcpinfo_core.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -277,6 +278,53 @@ static uint8_t compare(const uint8_t *cur, uint32_t clen, const struct attrs *ca
     return TCPI_NO_CHANGE;
 }
 
+/* The common case of an idle socket: same length and the same attribute headers
+ * at the same offsets as last poll.  Compare then reduces to one walk over both
+ * copies: state, the two tcp_info ranges, and every other attribute's bytes.
+ * Returns 0 (take the general path) when the layouts differ or anything is odd. */
+static int compare_same_layout(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen,
+                               uint8_t *kind)
+{
+    if (n != plen)
+        return 0;
+    int counters = 0, other = 0;
+    uint32_t pos = IDM_LEN;
+    while (pos < n && n - pos >= 4) {
+        uint16_t rlen, rtype;
+        if (memcmp(cur + pos, prev + pos, 4) != 0)
+            return 0;
+        memcpy(&rlen, cur + pos, 2);
+        memcpy(&rtype, cur + pos + 2, 2);
+        if (rlen < 4 || rlen > n - pos || rtype > MAX_SLOT)
+            return 0;
+        const uint8_t *cv = cur + pos + 4, *pv = prev + pos + 4;
+        uint32_t vlen = rlen - 4u;
+        if (rtype == INFO_SLOT)
+            counters |= range_differs(cv, vlen, pv, vlen, 60, 168) ||
+                        range_differs(cv, vlen, pv, vlen, 0, 44);
+        else if (!other)
+            other = memcmp(cv, pv, vlen) != 0;
+        pos += (rlen + 3u) & ~3u;
+    }
+    *kind = cur[1] != prev[1] ? TCPI_STATE_CHANGE
+          : counters ? TCPI_STATE_OR_COUNTER
+          : other ? TCPI_OTHER : TCPI_NO_CHANGE;
+    return 1;
+}
+
+/* Upstream's Compare of a message with the previous one of the same socket (the
+ * stored copy is known to be well formed).  Returns -1 if cur is malformed. */
+static int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen, uint8_t *kind)
+{
+    struct attrs ca, pa;
+    if (compare_same_layout(cur, n, prev, plen, kind))
+        return 0;
+    if (parse_attrs(cur, n, &ca) < 0 || parse_attrs(prev, plen, &pa) < 0)
+        return -1;
+    *kind = compare(cur, n, &ca, prev, plen, &pa);
+    return 0;
+}
+
 /* ---- exclusions ---------------------------------------------------------- */
 
 static int v4_local(const uint8_t *a)
@@ -422,11 +470,6 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
         st->excluded++;
         return 0;
     }
-    struct attrs ca, pa;
-    if (parse_attrs(p, n, &ca) < 0) {
-        st->bad++;
-        return 0;
-    }
     uint64_t cookie;
     uint32_t lo, hi;
     memcpy(&lo, p + 44, 4);
@@ -437,16 +480,24 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
         return -1;
     struct entry *e = table_find(&c->tbl, cookie);
     uint8_t kind;
-    if (!e->used) {
+    if (e->used) {
+        if (diff(p, n, e->data, e->len, &kind) < 0) {
+            st->bad++;
+            e->epoch = c->epoch;  /* a malformed message still proves the socket exists */
+            return 0;
+        }
+    } else {
+        struct attrs ca;
+        if (parse_attrs(p, n, &ca) < 0) {
+            st->bad++;
+            return 0;
+        }
         kind = TCPI_PREVIOUS_WAS_NIL;
         e->used = 1;
         e->cookie = cookie;
         e->data = NULL;
         e->len = e->cap = 0;
         c->tbl.count++;
-    } else {
-        parse_attrs(e->data, e->len, &pa);   /* stored copies always parsed fine */
-        kind = compare(p, n, &ca, e->data, e->len, &pa);
     }
     e->epoch = c->epoch;
     e->family = p[0];
@@ -654,6 +705,13 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
 {
     struct tcpi_poll_result *r = &c->result;
     c->epoch++;
+    /* The first poll of a busy host reports every socket; do not keep that much
+     * memory for the idle polls that follow. */
+    if (c->arena.cap > (1u << 20) && c->arena.len < c->arena.cap / 4) {
+        free(c->arena.data);
+        c->arena.data = NULL;
+        c->arena.cap = 0;
+    }
     c->arena.len = 0;
     c->changed.n = c->gone.n = 0;
     int ok6 = dump(c, AF_INET6, &r->inet6, 0, NULL) == 0;
@@ -682,6 +740,19 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
     r->tracked = c->tbl.count;
     *out = r;
     return (ok4 || ok6) ? 0 : -1;
+}
+
+int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen)
+{
+    uint8_t kind;
+    if (n < IDM_LEN || plen < IDM_LEN || diff(cur, n, prev, plen, &kind) < 0)
+        return -1;
+    return kind;
+}
+
+void tcpi_release_memory(void)
+{
+    malloc_trim(0);
 }
 
 int64_t tcpi_count_dump(struct tcpi_core *c, uint8_t family, int *err)

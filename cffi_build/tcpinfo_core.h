@@ -101,6 +101,15 @@ int tcpi_poll(struct tcpi_core *core, struct tcpi_poll_result **out);
 /* Forget every tracked connection (the next poll reports all as new). */
 void tcpi_forget_all(struct tcpi_core *core);
 
+/* Upstream's Compare(current, previous) on two inet_diag payloads, as each poll
+ * applies it: an enum tcpi_change, or -1 if either is malformed. */
+int tcpi_compare(const uint8_t *cur, uint32_t cur_len, const uint8_t *prev, uint32_t prev_len);
+
+/* Returns freed heap memory to the kernel (glibc malloc_trim): after the first
+ * poll of a busy host, megabytes of short-lived records would otherwise stay
+ * resident.  Cheap enough to call about once a second. */
+void tcpi_release_memory(void);
+
 /* The kernel's floor, for benchmarks: the same request and receive loop, only
  * counting messages.  Returns the count, or -1 with *err = errno. */
 int64_t tcpi_count_dump(struct tcpi_core *core, uint8_t family, int *err);

@@ -213,10 +213,11 @@ class Collector:
             metrics.count_dump_error(family, "interrupted")
 
     def _report(self) -> None:
-        """Once a second: gauges and upstream's byte-rate histograms."""
+        """Once a second: gauges, upstream's byte-rate histograms, and returning freed memory."""
         metrics.OPEN_CONNECTIONS.set(self._saver.open_connections)
         metrics.BUFFERED_BYTES.set(self._saver.buffered_bytes)
         self._rates.report()
+        self._poller.release_memory()
 
     def _log_limited(self, key: str, message: str, *args) -> None:
         """Logs a recurring problem at most once a minute (upstream issue #121: hot-path logging)."""

@@ -91,6 +91,17 @@ def dstip_key(text: str) -> bytes:
     return addr.packed
 
 
+def compare(current: bytes, previous: bytes) -> int:
+    """Upstream's Compare rules as the C core applies them (a ChangeType value).
+
+    Raises ValueError if either payload is not a well-formed inet_diag message.
+    """
+    kind = lib.tcpi_compare(current, len(current), previous, len(previous))
+    if kind < 0:
+        raise ValueError("malformed inet_diag message")
+    return kind
+
+
 class Poller:
     """A netlink sock_diag socket kept open across polls, and the C snapshot table."""
 
@@ -132,24 +143,28 @@ class Poller:
         """Dumps IPv6 then IPv4 sockets; returns only new, changed and vanished ones."""
         lib.tcpi_poll(self._core, self._out)
         res = self._out[0]
-        arena = ffi.buffer(res.data, res.data_len)[:] if res.data_len else b""
+        data, unpack = ffi.cast("char *", res.data), ffi.unpack  # one copy per reported socket
         t6, t4 = res.inet6.end_realtime_ns, res.inet.end_realtime_ns
         changes = []
         for i in range(res.n_records):
             r = res.records[i]
-            changes.append(Change(arena[r.offset:r.offset + r.length], r.cookie, r.family,
+            changes.append(Change(unpack(data + r.offset, r.length), r.cookie, r.family,
                                   r.kind, t6 if r.family == socket.AF_INET6 else t4))
         vanished = []
         for i in range(res.n_vanished):
             r = res.vanished[i]
-            vanished.append(Change(arena[r.offset:r.offset + r.length], r.cookie, r.family,
-                                   0, t4))
+            vanished.append(Change(unpack(data + r.offset, r.length), r.cookie, r.family, 0, t4))
         return PollResult(changes, vanished, _family_stats(res.inet6), _family_stats(res.inet),
                           res.tracked)
 
     def forget_all(self) -> None:
         """Drops every snapshot: the next poll reports every socket as new."""
         lib.tcpi_forget_all(self._core)
+
+    @staticmethod
+    def release_memory() -> None:
+        """Hands freed heap back to the kernel (glibc malloc_trim), e.g. once a second."""
+        lib.tcpi_release_memory()
 
     def count_dump(self, family: int) -> int:
         """The kernel's floor: the same dump, only received and counted (benchmarks)."""
