@@ -105,6 +105,18 @@ void tcpi_forget_all(struct tcpi_core *core);
  * applies it: an enum tcpi_change, or -1 if either is malformed. */
 int tcpi_compare(const uint8_t *cur, uint32_t cur_len, const uint8_t *prev, uint32_t prev_len);
 
+/* Writes one ArchivalRecord JSON line (UPSTREAM.md 4), byte for byte as upstream:
+ * {"Timestamp":"<ts>","RawIDM":"<base64 of idm[0:72]>","Attributes":[...]}\n
+ * with the attributes of payload (72-byte inet_diag_msg + rtattrs) in upstream's
+ * slots.  idm may differ from payload's own header (anonymized addresses).
+ * info_off and info_len locate INET_DIAG_INFO in payload (offset 0: absent).
+ * Returns the line's length, -1 for a malformed payload, -2 if cap is too small
+ * (tcpi_encode_bound gives a sufficient cap). */
+int64_t tcpi_encode_record(const uint8_t *idm, const uint8_t *payload, uint32_t len,
+                           const char *ts, uint32_t ts_len, char *out, uint32_t cap,
+                           uint32_t *info_off, uint32_t *info_len);
+uint32_t tcpi_encode_bound(uint32_t len, uint32_t ts_len);
+
 /* Returns freed heap memory to the kernel (glibc malloc_trim): after the first
  * poll of a busy host, megabytes of short-lived records would otherwise stay
  * resident.  Cheap enough to call about once a second. */

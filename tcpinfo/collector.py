@@ -20,9 +20,9 @@ import tcpinfo
 from tcpinfo import metrics
 from tcpinfo.anonymize import Anonymizer
 from tcpinfo.eventsocket import EventServer, NullServer
-from tcpinfo.inetdiag import split_message
+from tcpinfo.inetdiag import IDM_LEN, split_message
 from tcpinfo.netlink import PREVIOUS_WAS_NIL, FamilyStats, Poller, PollResult
-from tcpinfo.record import encode_record
+from tcpinfo.record import encode_message
 from tcpinfo.saver import Saver
 from tcpinfo.uuidprefix import make_uuid
 
@@ -158,15 +158,14 @@ class Collector:
                 if counted:
                     self._count_port(cookie, payload)
             try:
-                idm, attributes = split_message(payload)
-                if anonymize is not None:
-                    idm = anonymize(idm)
+                line, info = encode_message(
+                    ts, payload if anonymize is None else anonymize(payload[:IDM_LEN]), payload)
             except ValueError as err:
                 self._log_limited("malformed", "Skipping a record that cannot be archived: %s", err)
                 metrics.DROPPED_RECORDS.labels(reason="malformed").inc()
                 continue
-            saver.write(cookie, ts, encode_record(ts, idm, attributes))
-            rates.update(cookie, attributes[INFO] if len(attributes) > INFO else None)
+            saver.write(cookie, ts, line)
+            rates.update(cookie, info)
         now_ns = time.time_ns()
         for payload, cookie, *_ in result.vanished:
             events.flow_deleted(now_ns, make_uuid(prefix, cookie))

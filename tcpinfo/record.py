@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import orjson
 
+from tcpinfo._native import ffi, lib
+
 ZERO_TIME: str = "0001-01-01T00:00:00Z"
 
 _EPOCH = datetime(1970, 1, 1)
@@ -148,6 +150,30 @@ def encode_record(
         b'{"Timestamp":"', _timestamp_bytes(ts_ns, offset_s), b'","RawIDM":"', _b64(raw_idm, newline=False),
         b'","Attributes":[', b",".join(quoted), b"]}\n",
     ))
+
+
+_line_buf = ffi.new("char[]", 8192)
+_info_at = ffi.new("uint32_t[2]")
+
+
+def encode_message(ts_ns: int, raw_idm: bytes, payload: bytes) -> tuple[bytes, bytes | None]:
+    """The daemon's fast path: one data line straight from a kernel message, built in C.
+
+    Same bytes as ``encode_record(ts_ns, *split_message(payload))`` but with ``raw_idm`` as the
+    header (the anonymized one, or ``payload`` itself).  Also returns the tcp_info attribute, which
+    the collector's byte accounting reads, or None.  ValueError if the payload is malformed.
+    """
+    global _line_buf
+    ts = _timestamp_bytes(ts_ns, 0)
+    bound = lib.tcpi_encode_bound(len(payload), len(ts))
+    if bound > len(_line_buf):
+        _line_buf = ffi.new("char[]", bound)
+    n = lib.tcpi_encode_record(raw_idm, payload, len(payload), ts, len(ts), _line_buf,
+                               len(_line_buf), _info_at, _info_at + 1)
+    if n < 0:
+        raise ValueError(f"malformed inet_diag message of {len(payload)} bytes")
+    off = _info_at[0]
+    return ffi.unpack(_line_buf, n), (payload[off:off + _info_at[1]] if off else None)
 
 
 _quoted_cache: dict[bytes, bytes] = {}
