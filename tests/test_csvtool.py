@@ -55,8 +55,11 @@ def test_dash_reads_stdin_and_detects_zstd() -> None:
     assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
 
 
-def test_module_entry_point_matches_console_script() -> None:
-    result = subprocess.run([sys.executable, "-m", "tcpinfo.csvtool", str(FINWAIT)], capture_output=True)
+def test_module_entry_point_matches_console_script(tmp_path: Path) -> None:
+    # Run outside the checkout: `python -m` puts the cwd first on sys.path, and the source tree
+    # of a fresh clone has no compiled core.
+    result = subprocess.run([sys.executable, "-m", "tcpinfo.csvtool", str(FINWAIT)],
+                            capture_output=True, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
 
 
