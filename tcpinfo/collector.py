@@ -202,9 +202,7 @@ class Collector:
         metrics.CONNECTION_COUNT.labels(af=af).observe(stats.messages)
         metrics.CACHE.labels(op="total").inc(stats.messages - stats.excluded - stats.bad)
         if stats.error is not None:
-            # The core's "out of memory" has no metric label of its own yet.
-            reason = stats.error if stats.error in metrics.DUMP_ERROR_REASONS else "syscall"
-            metrics.count_dump_error(family, reason)
+            metrics.count_dump_error(family, stats.error)
             self._log_limited(f"{af} {stats.error}", "The %s dump failed (%s, errno %d); its "
                               "connections are kept until a dump succeeds", af, stats.error,
                               stats.errno)

@@ -67,7 +67,8 @@ _RATE_BUCKETS = [
 AF_LABELS = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 # Reasons a family's dump fails (DUMP_ERRORS); the first three are upstream's ERRORS types.
 UPSTREAM_DUMP_ERRORS = ("wrong seq num", "wrong pid", "NLMSG_ERROR")
-DUMP_ERROR_REASONS = ("syscall", *UPSTREAM_DUMP_ERRORS, "truncated", "interrupted")
+DUMP_ERROR_REASONS = ("syscall", *UPSTREAM_DUMP_ERRORS, "truncated", "out of memory",
+                      "interrupted")
 # Upstream's byte-accounting sanity checks (UPSTREAM.md section 9), also ERRORS types.
 ACCOUNTING_ERRORS = (
     "totalSent < reportedSent",

@@ -372,15 +372,31 @@ def test_metrics_count_files_snapshots_open_connections_ports_and_bytes_sent(tes
     while received < 100_000:
         received += len(held[0][0].recv(65536))
     time.sleep(1.5)   # rates are reported once a second
-    with testnet.inside(testnet.ns_b):
-        with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    assert daemon.stop() == 0, daemon.text()
+    text = scrape(testnet)
     assert metric(text, "tcpinfo_open_connections") == 3
     assert metric(text, f'tcpinfo_port_connections{{port="{port}"}}') == 3
     assert metric(text, "tcpinfo_new_file_total") >= 3
     assert metric(text, "tcpinfo_snapshot_total") > 3
     assert metric(text, "tcpinfo_send_rate_histogram_sum") >= 8 * 100_000
+    assert metric(text, 'tcpinfo_cache_total{op="new"}') >= 3
+    assert metric(text, 'tcpinfo_cache_total{op="changed"}') >= 1
+
+    client, server, _ = held.pop()
+    client.close()
+    server.close()
+    time.sleep(1.5)
+    after = scrape(testnet)
+    assert daemon.stop() == 0, daemon.text()
+    assert metric(after, "tcpinfo_open_connections") == 2
+    assert metric(after, f'tcpinfo_port_connections{{port="{port}"}}') == 2
+    assert metric(after, 'tcpinfo_cache_total{op="expired"}') >= 1
+    assert metric(after, 'tcpinfo_cache_total{op="total"}') > metric(text, 'tcpinfo_cache_total{op="total"}')
+
+
+def scrape(topo) -> str:
+    with topo.inside(topo.ns_b):
+        with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=5) as reply:
+            return reply.read().decode()
 
 
 def test_a_busy_connection_rotates_into_numbered_files_with_one_start_time(testnet, tmp_path,
