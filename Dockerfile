@@ -28,8 +28,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
     TCPINFO_EVENTSOCKET=/run/tcpinfo/tcpevents.sock \
     PROMETHEUSX_LISTEN_ADDRESS=:9990
 COPY --from=build /wheels /tmp/wheels
+# example consumer (prints events), used by deploy/compose.yaml
+COPY cmd/eventsocket_client.py /usr/local/bin/tcpinfo-events
 RUN pip install -q --no-index --find-links /tmp/wheels tcpinfo \
- && rm -rf /tmp/wheels \
+ && rm -rf /tmp/wheels && chmod 0755 /usr/local/bin/tcpinfo-events \
  && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home \
       --shell /usr/sbin/nologin tcpinfo \
  && mkdir -p /data /run/tcpinfo \
