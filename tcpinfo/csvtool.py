@@ -50,7 +50,7 @@ from .inetdiag import (
     decode_idm,
     ip_string,
 )
-from .record import ZERO_TIME, ZERO_TIME_NS, decode_line, format_time, parse_time
+from .record import ZERO_TIME, ZERO_TIME_NS, b64decode, decode_line, format_time, parse_time
 from .tcp import Layout, state_name, struct_for
 
 # --- Go encoding/csv -------------------------------------------------------------------------
@@ -173,21 +173,9 @@ _INFO_REST_TEMPLATE = ",%d" * len(_INFO_REST.unpack(bytes(_INFO_REST.size)))
 _INFO_BIT = 1 << (INET_DIAG_INFO - 1)
 
 
+
+
 _a2b = binascii.a2b_base64
-
-
-def _b64(text: object, what: str) -> bytes:
-    """Decode a base64 JSON value; ValueError naming ``what`` for a wrong type or bad text."""
-    try:
-        return _a2b(text, strict_mode=True)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        pass
-    if type(text) is not str:
-        raise ValueError(f"{what}: expected a base64 string or null, got {type(text).__name__}")
-    try:
-        return _a2b(text, strict_mode=True)
-    except ValueError as exc:  # binascii.Error, or non-ASCII text
-        raise ValueError(f"{what}: bad base64 ({exc})") from None
 
 
 def _bounded_put(cache: dict, key: object, value: object) -> None:
@@ -233,10 +221,10 @@ class UpstreamConverter:
         return format_time(ns, offset)
 
     def _idm(self, text: object) -> str:
-        try:
+        try:  # inline fast path: this runs for every row
             raw = _a2b(text, strict_mode=True)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raw = _b64(text, "RawIDM")
+            raw = b64decode(text, "RawIDM")
         if len(raw) < IDM_LEN:
             raise ValueError(f"RawIDM too short: {len(raw)} bytes < {IDM_LEN}")
         # Bytes 0-51 (family .. cookie) rarely change within a connection: format them once.
@@ -253,10 +241,10 @@ class UpstreamConverter:
 
     def _info(self, text: object) -> tuple[str, bool]:
         """The TCP.* columns and whether upstream parsed them fully (not longer than its struct)."""
-        try:
+        try:  # inline fast path: this runs for every row
             raw = _a2b(text, strict_mode=True)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raw = _b64(text, f"Attributes[{INET_DIAG_INFO}]")
+            raw = b64decode(text, f"Attributes[{INET_DIAG_INFO}]")
         n = len(raw)
         if n < _INFO_LEN:
             raw += bytes(_INFO_LEN - n)
@@ -276,7 +264,7 @@ class UpstreamConverter:
                 continue
             hit = self._attr_cache.get((t, text))
             if hit is None:
-                hit = _FORMATTERS.get(t, _undecoded)(_b64(text, f"Attributes[{t}]"))
+                hit = _FORMATTERS.get(t, _undecoded)(b64decode(text, f"Attributes[{t}]"))
                 _bounded_put(self._attr_cache, (t, text), hit)
             fragment, ok = hit
             slot = _SLOT.get(t)

@@ -27,7 +27,7 @@ from collections import deque
 
 from tcpinfo import metrics
 from tcpinfo.inetdiag import IDM_LEN, ip_string
-from tcpinfo.record import _go_json, format_time
+from tcpinfo.record import go_json, format_time
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,13 @@ def sockid(raw_idm: bytes) -> dict:
 
 def open_line(ts_ns: int, uuid: str, raw_idm: bytes) -> bytes:
     """The Open line upstream writes for this flow."""
-    return _go_json({"Event": OPEN, "Timestamp": format_time(ts_ns), "UUID": uuid,
+    return go_json({"Event": OPEN, "Timestamp": format_time(ts_ns), "UUID": uuid,
                      "ID": sockid(raw_idm)}) + b"\n"
 
 
 def close_line(ts_ns: int, uuid: str) -> bytes:
     """The Close line upstream writes for this flow (`ID` is always null)."""
-    return _go_json({"Event": CLOSE, "Timestamp": format_time(ts_ns), "UUID": uuid,
+    return go_json({"Event": CLOSE, "Timestamp": format_time(ts_ns), "UUID": uuid,
                      "ID": None}) + b"\n"
 
 
