@@ -8,6 +8,10 @@
  * result only when it is new or changed.  At the end, connections of a family
  * whose dump completed but which were not seen are reported as vanished.  Python
  * therefore does no work per idle socket.
+ *
+ * Optionally a second netlink socket listens to the kernel's TCP destroy groups:
+ * each socket's final tcp_info then closes its connection (TCPI_FINAL), and a
+ * connection that lived between two polls still gets its one record (TCPI_SHORT).
  */
 #define _GNU_SOURCE
 #include "tcpinfo_core.h"
@@ -30,17 +34,39 @@
 #define IDM_LEN 72            /* sizeof(struct inet_diag_msg) */
 #define MAX_SLOT 38           /* upstream keeps attribute types 0..38 */
 #define INFO_SLOT 2           /* INET_DIAG_INFO */
-#define MAX_DSTIP 1024
+#define MAX_NETS 1024        /* excluded destinations, included networks */
+#define SKNLGRP_INET_TCP_DESTROY 1
+#define SKNLGRP_INET6_TCP_DESTROY 3
+#define CLOSED_KEEP_NS (60 * 1000000000LL)  /* how long a late destroy is recognised */
 
 /* ---- snapshot table: open addressing keyed by cookie -------------------- */
 
+/* What became of a tracked connection. */
+enum fate {
+    LIVE = 0,      /* seen by polls; data holds the last payload */
+    FINISHED = 1,  /* its destroy notification was recorded: a time-wait remnant
+                      with the same cookie is ignored until the dumps lose it */
+    CLOSED = 2     /* reported vanished by a poll; kept (without data) for
+                      CLOSED_KEEP_NS so that a late notification is not taken for
+                      a new connection */
+};
+
 struct entry {
     uint64_t cookie;
-    uint8_t *data;     /* last payload seen */
+    uint8_t *data;     /* last payload seen (LIVE only) */
     uint32_t len, cap;
     uint32_t epoch;    /* poll number when last seen */
     uint8_t family;
     uint8_t used;
+    uint8_t fate;      /* enum fate */
+    int64_t since_ns;  /* LIVE: first poll that missed it (0: seen); CLOSED: closing time */
+};
+
+/* An address prefix, matched as inet_diag bytecode's host condition does. */
+struct net {
+    uint8_t family;
+    uint8_t bits;
+    uint8_t addr[16];
 };
 
 struct table {
@@ -72,11 +98,15 @@ struct tcpi_core {
     uint32_t epoch;
     int exclude_local;
     uint8_t srcport[65536 / 8];
-    uint8_t (*dstip)[16];
-    uint32_t n_dstip;
+    struct net *dstip, *incl_net;
+    uint32_t n_dstip, n_incl_net;
+    uint8_t incl_port[65536 / 8];
+    int any_incl_port;
+    int dfd;                /* destroy listener, -1 if none */
+    int64_t grace_ns;
     struct table tbl;
     struct arena arena;
-    struct recvec changed, gone;
+    struct recvec changed, gone, destroyed;
     struct tcpi_poll_result result;
 };
 
@@ -162,7 +192,7 @@ static int arena_put(struct arena *a, const uint8_t *p, uint32_t n, uint32_t *of
 }
 
 static int report(struct tcpi_core *c, struct recvec *v, const uint8_t *p, uint32_t n,
-                  uint64_t cookie, uint8_t family, uint8_t kind)
+                  uint64_t cookie, uint8_t family, uint8_t kind, int64_t realtime_ns)
 {
     if (v->n == v->cap) {
         uint32_t ncap = v->cap ? v->cap * 2 : 256;
@@ -177,6 +207,7 @@ static int report(struct tcpi_core *c, struct recvec *v, const uint8_t *p, uint3
         return -1;
     r->length = n;
     r->cookie = cookie;
+    r->realtime_ns = realtime_ns;
     r->family = family;
     r->kind = kind;
     v->n++;
@@ -351,26 +382,55 @@ static int addr_local(uint8_t family, const uint8_t *a)
     return (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || a[0] == 0xff;
 }
 
-static int excluded(const struct tcpi_core *c, const uint8_t *idm)
+static int prefix_match(const uint8_t *a, const uint8_t *prefix, uint8_t bits)
+{
+    uint8_t whole = bits / 8, rest = bits % 8;
+    if (memcmp(a, prefix, whole) != 0)
+        return 0;
+    return !rest || ((a[whole] ^ prefix[whole]) & (0xff00 >> rest) & 0xff) == 0;
+}
+
+/* The kernel's host condition: an AF_INET prefix also matches the v4-mapped
+ * addresses of dual-stack AF_INET6 sockets; an AF_INET6 prefix only AF_INET6. */
+static int net_match(const struct net *nt, uint8_t family, const uint8_t *a)
+{
+    if (nt->family == AF_INET6)
+        return family == AF_INET6 && prefix_match(a, nt->addr, nt->bits);
+    if (family == AF_INET6) {
+        if (memcmp(a, V4MAPPED, 12) != 0)
+            return 0;
+        a += 12;
+    }
+    return prefix_match(a, nt->addr, nt->bits);
+}
+
+static int in_nets(const struct net *v, uint32_t n, uint8_t family, const uint8_t *a)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (net_match(&v[i], family, a))
+            return 1;
+    return 0;
+}
+
+#define BIT(map, i) ((map)[(i) >> 3] & (1u << ((i) & 7)))
+
+/* Whether a socket is left out: upstream's exclusions, then the include lists. */
+static int filtered_out(const struct tcpi_core *c, const uint8_t *idm)
 {
     uint8_t family = idm[0];
-    uint16_t sport = (uint16_t)(idm[4] << 8 | idm[5]);
-    if (c->srcport[sport >> 3] & (1u << (sport & 7)))
+    const uint8_t *src = idm + 8, *dst = idm + 24;
+    uint16_t sport = (uint16_t)(idm[4] << 8 | idm[5]), dport = (uint16_t)(idm[6] << 8 | idm[7]);
+    if (BIT(c->srcport, sport))
         return 1;
-    if (c->exclude_local && (addr_local(family, idm + 8) || addr_local(family, idm + 24)))
+    if (c->exclude_local && (addr_local(family, src) || addr_local(family, dst)))
         return 1;
-    if (c->n_dstip) {
-        uint8_t key[16];
-        if (family == AF_INET) {
-            memcpy(key, V4MAPPED, 12);
-            memcpy(key + 12, idm + 24, 4);
-        } else {
-            memcpy(key, idm + 24, 16);
-        }
-        for (uint32_t i = 0; i < c->n_dstip; i++)
-            if (memcmp(key, c->dstip[i], 16) == 0)
-                return 1;
-    }
+    if (in_nets(c->dstip, c->n_dstip, family, dst))
+        return 1;
+    if (c->n_incl_net && !in_nets(c->incl_net, c->n_incl_net, family, src) &&
+        !in_nets(c->incl_net, c->n_incl_net, family, dst))
+        return 1;
+    if (c->any_incl_port && !BIT(c->incl_port, sport) && !BIT(c->incl_port, dport))
+        return 1;
     return 0;
 }
 
@@ -407,7 +467,7 @@ static void reset_socket(struct tcpi_core *c)
     open_socket(c);
 }
 
-static int send_request(struct tcpi_core *c, uint8_t family)
+static int send_request(struct tcpi_core *c, uint8_t family, uint32_t states)
 {
     struct {
         struct nlmsghdr nh;
@@ -423,7 +483,7 @@ static int send_request(struct tcpi_core *c, uint8_t family)
     msg.req.sdiag_family = family;
     msg.req.sdiag_protocol = IPPROTO_TCP;
     msg.req.idiag_ext = c->ext;
-    msg.req.idiag_states = c->states;
+    msg.req.idiag_states = states;
     struct iovec iov[3] = {{&msg, head}, {&msg.bc, 0}, {c->bytecode, 0}};
     if (c->bytecode_len) {
         msg.bc.nla_type = INET_DIAG_REQ_BYTECODE;
@@ -457,6 +517,30 @@ static ssize_t recv_some(struct tcpi_core *c, int *truncated)
     return n;
 }
 
+static uint64_t cookie_of(const uint8_t *idm)
+{
+    uint32_t lo, hi;
+    memcpy(&lo, idm + 44, 4);
+    memcpy(&hi, idm + 48, 4);
+    return (uint64_t)hi << 32 | lo;
+}
+
+/* The cookie's entry, created empty (used, LIVE, no data) if it is new. */
+static struct entry *table_get(struct table *t, uint64_t cookie, int *created)
+{
+    if ((t->count + 1) * 2 > t->cap && table_grow(t) < 0)
+        return NULL;
+    struct entry *e = table_find(t, cookie);
+    *created = !e->used;
+    if (*created) {
+        memset(e, 0, sizeof(*e));
+        e->used = 1;
+        e->cookie = cookie;
+        t->count++;
+    }
+    return e;
+}
+
 /* Handles one inet_diag message of the dump. */
 static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
                      struct tcpi_family_stats *st)
@@ -466,40 +550,38 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
         st->bad++;
         return 0;
     }
-    if (excluded(c, p)) {
+    if (filtered_out(c, p)) {
         st->excluded++;
         return 0;
     }
-    uint64_t cookie;
-    uint32_t lo, hi;
-    memcpy(&lo, p + 44, 4);
-    memcpy(&hi, p + 48, 4);
-    cookie = (uint64_t)hi << 32 | lo;
-
-    if ((c->tbl.count + 1) * 2 > c->tbl.cap && table_grow(&c->tbl) < 0)
-        return -1;
+    struct attrs ca;
+    uint64_t cookie = cookie_of(p);
     struct entry *e = table_find(&c->tbl, cookie);
     uint8_t kind;
-    if (e->used) {
+    if (e->used && e->fate == FINISHED) {
+        e->epoch = c->epoch;   /* the time-wait remnant of a connection already closed */
+        return 0;
+    }
+    if (e->used && e->fate == LIVE) {
         if (diff(p, n, e->data, e->len, &kind) < 0) {
             st->bad++;
             e->epoch = c->epoch;  /* a malformed message still proves the socket exists */
             return 0;
         }
     } else {
-        struct attrs ca;
+        /* New, or a CLOSED cookie connected again (tcp_disconnect keeps the socket). */
+        int created;
         if (parse_attrs(p, n, &ca) < 0) {
             st->bad++;
             return 0;
         }
+        if (!(e = table_get(&c->tbl, cookie, &created)))
+            return -1;
         kind = TCPI_PREVIOUS_WAS_NIL;
-        e->used = 1;
-        e->cookie = cookie;
-        e->data = NULL;
-        e->len = e->cap = 0;
-        c->tbl.count++;
+        e->fate = LIVE;
     }
     e->epoch = c->epoch;
+    e->since_ns = 0;
     e->family = p[0];
     /* Keep the latest copy even when unchanged: the vanished report then carries
      * the last counters seen (for example bytes_sent, which Compare ignores). */
@@ -513,7 +595,7 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     memcpy(e->data, p, n);
     e->len = n;
     if (kind != TCPI_NO_CHANGE)
-        return report(c, &c->changed, p, n, cookie, p[0], kind);
+        return report(c, &c->changed, p, n, cookie, p[0], kind, 0);  /* time: see dump() */
     return 0;
 }
 
@@ -571,13 +653,14 @@ static int walk(struct tcpi_core *c, const uint8_t *b, uint32_t n, struct tcpi_f
     return 0;
 }
 
-static int dump(struct tcpi_core *c, uint8_t family, struct tcpi_family_stats *st,
-                int count_only, int64_t *count)
+static int dump(struct tcpi_core *c, uint8_t family, uint32_t states,
+                struct tcpi_family_stats *st, int count_only, int64_t *count)
 {
     int64_t t0 = now_ns(CLOCK_MONOTONIC);
+    uint32_t first = c->changed.n;
     int rc = -1;
     memset(st, 0, sizeof(*st));
-    if (send_request(c, family) < 0) {
+    if (send_request(c, family, states) < 0) {
         st->status = TCPI_E_SYSCALL;
         st->errno_value = errno;
         goto out;
@@ -602,7 +685,167 @@ out:
         reset_socket(c);
     st->end_realtime_ns = now_ns(CLOCK_REALTIME);
     st->duration_ns = now_ns(CLOCK_MONOTONIC) - t0;
+    /* Upstream stamps a family's records with the time its dump finished. */
+    for (uint32_t i = first; i < c->changed.n; i++)
+        c->changed.v[i].realtime_ns = st->end_realtime_ns;
     return rc;
+}
+
+/* ---- destroy notifications ------------------------------------------------ */
+
+/* Handles one message from the destroy groups: the kernel's last view of a socket
+ * being freed (state CLOSE, tcp_info and little else). */
+static int on_destroyed(struct tcpi_core *c, const uint8_t *p, uint32_t n, int64_t now_real)
+{
+    struct tcpi_destroy_stats *st = &c->result.destroy;
+    struct attrs a;
+    st->received++;
+    if (n < IDM_LEN || parse_attrs(p, n, &a) < 0) {
+        st->bad++;
+        return 0;
+    }
+    if (filtered_out(c, p)) {
+        st->excluded++;
+        return 0;
+    }
+    uint64_t cookie = cookie_of(p);
+    struct entry *e = table_find(&c->tbl, cookie);
+    uint8_t kind;
+    if (e->used && e->fate != LIVE) {
+        st->late++;
+        return 0;
+    }
+    if (e->used) {
+        kind = TCPI_FINAL;
+        st->final++;
+        free(e->data);
+        e->data = NULL;
+        e->len = e->cap = 0;
+    } else {
+        int created;
+        if (p[6] == 0 && p[7] == 0) {   /* no peer: a socket that never connected */
+            st->excluded++;
+            return 0;
+        }
+        if (!(e = table_get(&c->tbl, cookie, &created)))
+            return -1;
+        kind = TCPI_SHORT;
+        st->shortflow++;
+        e->family = p[0];
+    }
+    e->fate = FINISHED;
+    e->epoch = c->epoch;   /* kept until a completed dump no longer shows the cookie */
+    return report(c, &c->destroyed, p, n, cookie, p[0], kind, now_real);
+}
+
+/* Reads every pending destroy notification without blocking. */
+static void drain_destroyed(struct tcpi_core *c)
+{
+    if (c->dfd < 0)
+        return;
+    struct tcpi_destroy_stats *st = &c->result.destroy;
+    for (;;) {
+        struct sockaddr_nl sa;
+        struct iovec iov = {c->buf, c->buf_size};
+        struct msghdr mh = {.msg_name = &sa, .msg_namelen = sizeof(sa), .msg_iov = &iov,
+                            .msg_iovlen = 1};
+        ssize_t n = recvmsg(c->dfd, &mh, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == ENOBUFS) {    /* notifications were lost: polls cover them */
+                st->overruns++;
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                st->errno_value = errno;
+            return;
+        }
+        if (sa.nl_pid != 0 || (mh.msg_flags & MSG_TRUNC)) {
+            st->bad++;
+            continue;
+        }
+        int64_t now_real = now_ns(CLOCK_REALTIME);
+        for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) <= (uint32_t)n;) {
+            const struct nlmsghdr *h = (const struct nlmsghdr *)(c->buf + pos);
+            if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > (uint32_t)n - pos) {
+                st->bad++;
+                break;
+            }
+            if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY &&
+                on_destroyed(c, (const uint8_t *)(h + 1), h->nlmsg_len - sizeof(*h), now_real) < 0)
+                st->errno_value = ENOMEM;
+            pos += NLMSG_ALIGN(h->nlmsg_len);
+        }
+    }
+}
+
+/* After the dumps: connections of a completed family that were not seen. */
+static void sweep(struct tcpi_core *c, int ok6, int ok4, int64_t now_real)
+{
+    int64_t now = now_ns(CLOCK_MONOTONIC);
+    for (uint32_t i = 0; i < c->tbl.cap;) {
+        struct entry *e = &c->tbl.slots[i];
+        int done = e->family == AF_INET6 ? ok6 : ok4;
+        if (!e->used || e->epoch == c->epoch || !done) {
+            i++;
+            continue;
+        }
+        if (e->fate == LIVE && c->dfd >= 0 && (e->since_ns == 0 || now - e->since_ns < c->grace_ns)) {
+            if (e->since_ns == 0)
+                e->since_ns = now;  /* give its destroy notification time to arrive */
+            i++;
+            continue;
+        }
+        if (e->fate == CLOSED && now - e->since_ns < CLOSED_KEEP_NS) {
+            i++;
+            continue;
+        }
+        if (e->fate == LIVE) {
+            if (report(c, &c->gone, e->data, e->len, e->cookie, e->family, TCPI_NO_CHANGE,
+                       now_real) < 0)
+                break;
+            free(e->data);
+            e->data = NULL;
+            e->len = e->cap = 0;
+            if (c->dfd >= 0) {      /* wait for a late notification */
+                e->fate = CLOSED;
+                e->since_ns = now;
+                i++;
+                continue;
+            }
+        }
+        table_delete_at(&c->tbl, i);  /* slot i now holds a shifted entry: re-examine */
+    }
+}
+
+static void reset_result(struct tcpi_core *c)
+{
+    /* The first poll of a busy host reports every socket; do not keep that much
+     * memory for the idle polls that follow. */
+    if (c->arena.cap > (1u << 20) && c->arena.len < c->arena.cap / 4) {
+        free(c->arena.data);
+        c->arena.data = NULL;
+        c->arena.cap = 0;
+    }
+    c->arena.len = 0;
+    c->changed.n = c->gone.n = c->destroyed.n = 0;
+    memset(&c->result.destroy, 0, sizeof(c->result.destroy));
+}
+
+static void publish(struct tcpi_core *c, struct tcpi_poll_result **out)
+{
+    struct tcpi_poll_result *r = &c->result;
+    r->records = c->changed.v;
+    r->n_records = c->changed.n;
+    r->vanished = c->gone.v;
+    r->n_vanished = c->gone.n;
+    r->destroyed = c->destroyed.v;
+    r->n_destroyed = c->destroyed.n;
+    r->data = c->arena.data;
+    r->data_len = c->arena.len;
+    r->tracked = c->tbl.count;
+    *out = r;
 }
 
 /* ---- public API ---------------------------------------------------------- */
@@ -620,6 +863,7 @@ struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
     c->states = 0x0F37;
     c->exclude_local = 1;
     c->fd = -1;
+    c->dfd = -1;
     if (!c->buf || table_grow(&c->tbl) < 0 || open_socket(c) < 0) {
         *err = c->buf ? errno : ENOMEM;
         tcpi_core_free(c);
@@ -634,15 +878,19 @@ void tcpi_core_free(struct tcpi_core *c)
         return;
     if (c->fd >= 0)
         close(c->fd);
+    if (c->dfd >= 0)
+        close(c->dfd);
     for (uint32_t i = 0; i < c->tbl.cap; i++)
         free(c->tbl.slots[i].data);
     free(c->tbl.slots);
     free(c->buf);
     free(c->dstip);
+    free(c->incl_net);
     free(c->bytecode);
     free(c->arena.data);
     free(c->changed.v);
     free(c->gone.v);
+    free(c->destroyed.v);
     free(c);
 }
 
@@ -676,20 +924,45 @@ void tcpi_exclude_srcport(struct tcpi_core *c, uint16_t port)
     c->srcport[port >> 3] |= (uint8_t)(1u << (port & 7));
 }
 
-int tcpi_exclude_dstip(struct tcpi_core *c, const uint8_t *key)
+static int add_net(struct net **v, uint32_t *n, uint8_t family, const uint8_t *addr,
+                   uint8_t bits)
 {
-    if (c->n_dstip >= MAX_DSTIP)
+    uint32_t size = family == AF_INET ? 4 : 16;
+    if ((family != AF_INET && family != AF_INET6) || bits > size * 8 || *n >= MAX_NETS)
         return -1;
-    if (!c->dstip && !(c->dstip = malloc(MAX_DSTIP * 16)))
+    if (!*v && !(*v = malloc(MAX_NETS * sizeof(**v))))
         return -1;
-    memcpy(c->dstip[c->n_dstip++], key, 16);
+    struct net *nt = &(*v)[(*n)++];
+    memset(nt, 0, sizeof(*nt));
+    nt->family = family;
+    nt->bits = bits;
+    memcpy(nt->addr, addr, size);
     return 0;
 }
 
-void tcpi_exclude_clear(struct tcpi_core *c)
+int tcpi_exclude_dstip(struct tcpi_core *c, uint8_t family, const uint8_t *addr)
+{
+    return add_net(&c->dstip, &c->n_dstip, family, addr, family == AF_INET ? 32 : 128);
+}
+
+int tcpi_include_net(struct tcpi_core *c, uint8_t family, const uint8_t *addr, uint8_t bits)
+{
+    return add_net(&c->incl_net, &c->n_incl_net, family, addr, bits);
+}
+
+void tcpi_include_ports(struct tcpi_core *c, uint16_t first, uint16_t last)
+{
+    for (uint32_t port = first; port <= last; port++)
+        c->incl_port[port >> 3] |= (uint8_t)(1u << (port & 7));
+    c->any_incl_port = 1;
+}
+
+void tcpi_filter_clear(struct tcpi_core *c)
 {
     memset(c->srcport, 0, sizeof(c->srcport));
-    c->n_dstip = 0;
+    memset(c->incl_port, 0, sizeof(c->incl_port));
+    c->any_incl_port = 0;
+    c->n_dstip = c->n_incl_net = 0;
 }
 
 void tcpi_forget_all(struct tcpi_core *c)
@@ -705,41 +978,74 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
 {
     struct tcpi_poll_result *r = &c->result;
     c->epoch++;
-    /* The first poll of a busy host reports every socket; do not keep that much
-     * memory for the idle polls that follow. */
-    if (c->arena.cap > (1u << 20) && c->arena.len < c->arena.cap / 4) {
-        free(c->arena.data);
-        c->arena.data = NULL;
-        c->arena.cap = 0;
-    }
-    c->arena.len = 0;
-    c->changed.n = c->gone.n = 0;
-    int ok6 = dump(c, AF_INET6, &r->inet6, 0, NULL) == 0;
-    int ok4 = dump(c, AF_INET, &r->inet, 0, NULL) == 0;
-
-    /* A connection vanished if its family's dump completed without it.  A failed
-     * dump proves nothing, so its family's connections are kept as they are. */
-    for (uint32_t i = 0; i < c->tbl.cap;) {
-        struct entry *e = &c->tbl.slots[i];
-        int done = e->family == AF_INET6 ? ok6 : ok4;
-        if (!e->used || e->epoch == c->epoch || !done) {
-            i++;
-            continue;
-        }
-        if (report(c, &c->gone, e->data, e->len, e->cookie, e->family, TCPI_NO_CHANGE) < 0)
-            break;
-        free(e->data);
-        table_delete_at(&c->tbl, i);  /* slot i now holds a shifted entry: re-examine */
-    }
-    r->records = c->changed.v;
-    r->n_records = c->changed.n;
-    r->vanished = c->gone.v;
-    r->n_vanished = c->gone.n;
-    r->data = c->arena.data;
-    r->data_len = c->arena.len;
-    r->tracked = c->tbl.count;
-    *out = r;
+    reset_result(c);
+    memset(&r->inet6, 0, sizeof(r->inet6));
+    memset(&r->inet, 0, sizeof(r->inet));
+    drain_destroyed(c);
+    int ok6 = dump(c, AF_INET6, c->states, &r->inet6, 0, NULL) == 0;
+    drain_destroyed(c);
+    int ok4 = dump(c, AF_INET, c->states, &r->inet, 0, NULL) == 0;
+    drain_destroyed(c);
+    sweep(c, ok6, ok4, now_ns(CLOCK_REALTIME));
+    publish(c, out);
     return (ok4 || ok6) ? 0 : -1;
+}
+
+int tcpi_drain(struct tcpi_core *c, struct tcpi_poll_result **out)
+{
+    reset_result(c);
+    memset(&c->result.inet6, 0, sizeof(c->result.inet6));
+    memset(&c->result.inet, 0, sizeof(c->result.inet));
+    drain_destroyed(c);
+    publish(c, out);
+    return (int)c->destroyed.n;
+}
+
+int tcpi_destroy_listen(struct tcpi_core *c, uint32_t rcvbuf, int64_t grace_ns, int *err)
+{
+    if (c->dfd >= 0) {
+        c->grace_ns = grace_ns;
+        return c->dfd;
+    }
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_SOCK_DIAG);
+    struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
+    int groups[] = {SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY};
+    if (fd < 0)
+        goto fail;
+    int size = (int)(rcvbuf > INT32_MAX / 2 ? INT32_MAX / 2 : rcvbuf);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));  /* capped by rmem_max */
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+        goto fail;
+    for (int i = 0; i < 2; i++)
+        if (setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &groups[i], sizeof(int)) < 0)
+            goto fail;
+    c->dfd = fd;
+    c->grace_ns = grace_ns;
+    return fd;
+fail:
+    *err = errno;
+    if (fd >= 0)
+        close(fd);
+    return -1;
+}
+
+uint32_t tcpi_destroy_rcvbuf(struct tcpi_core *c)
+{
+    int size = 0;
+    socklen_t len = sizeof(size);
+    if (c->dfd < 0 || getsockopt(c->dfd, SOL_SOCKET, SO_RCVBUF, &size, &len) < 0)
+        return 0;
+    return (uint32_t)size;
+}
+
+int tcpi_check_bytecode(struct tcpi_core *c)
+{
+    struct tcpi_family_stats st;
+    int64_t count = 0;
+    if (dump(c, AF_INET, 0, &st, 1, &count) == 0)
+        return 0;
+    return st.errno_value ? st.errno_value : EPROTO;
 }
 
 int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen)
@@ -835,7 +1141,7 @@ int64_t tcpi_count_dump(struct tcpi_core *c, uint8_t family, int *err)
 {
     struct tcpi_family_stats st;
     int64_t count = 0;
-    if (dump(c, family, &st, 1, &count) < 0) {
+    if (dump(c, family, c->states, &st, 1, &count) < 0) {
         *err = st.errno_value ? st.errno_value : EPROTO;
         return -1;
     }

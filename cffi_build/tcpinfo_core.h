@@ -24,7 +24,10 @@ enum tcpi_change {
     TCPI_STATE_OR_COUNTER = 6,
     TCPI_PACKET_COUNT = 7,
     TCPI_PREVIOUS_WAS_NIL = 8,
-    TCPI_OTHER = 9
+    TCPI_OTHER = 9,
+    /* Not upstream's: records that come from a destroy notification. */
+    TCPI_FINAL = 10,       /* the last tcp_info of a connection a poll had seen */
+    TCPI_SHORT = 11        /* a connection that opened and closed between two polls */
 };
 
 /* Why a family's dump failed (tcpi_family_stats.status); 0 = complete. */
@@ -43,6 +46,9 @@ struct tcpi_record {
     uint32_t offset;   /* into tcpi_poll_result.data */
     uint32_t length;   /* 72-byte inet_diag_msg followed by its attributes */
     uint64_t cookie;
+    int64_t realtime_ns; /* when the kernel said so: the end of the family's dump, the
+                            receipt of the destroy notification, or the end of the poll
+                            that declared the connection vanished */
     uint8_t family;    /* AF_INET or AF_INET6 */
     uint8_t kind;      /* enum tcpi_change; TCPI_NO_CHANGE for vanished */
 };
@@ -59,11 +65,26 @@ struct tcpi_family_stats {
     int64_t duration_ns;      /* monotonic time spent in this family's dump */
 };
 
+/* Destroy notifications handled by one poll or drain. */
+struct tcpi_destroy_stats {
+    uint32_t received;    /* SOCK_DIAG_BY_FAMILY messages from the destroy groups */
+    uint32_t final;       /* closed a tracked connection (TCPI_FINAL) */
+    uint32_t shortflow;   /* a connection no poll had seen (TCPI_SHORT) */
+    uint32_t excluded;    /* filtered out, or without a peer (never connected) */
+    uint32_t late;        /* for a connection already closed by a poll, or twice */
+    uint32_t bad;         /* malformed */
+    uint32_t overruns;    /* ENOBUFS: the kernel dropped notifications */
+    int32_t errno_value;  /* last unexpected receive error, 0 if none */
+};
+
 struct tcpi_poll_result {
     struct tcpi_record *records;   /* new or changed, in dump order (IPv6 first) */
     uint32_t n_records;
     struct tcpi_record *vanished;  /* payload = last snapshot seen */
     uint32_t n_vanished;
+    struct tcpi_record *destroyed; /* TCPI_FINAL or TCPI_SHORT, payload = the kernel's last word */
+    uint32_t n_destroyed;
+    struct tcpi_destroy_stats destroy;
     uint8_t *data;                 /* arena holding every payload above */
     uint32_t data_len;
     uint32_t tracked;              /* connections in the snapshot table after the poll */
@@ -86,17 +107,42 @@ void tcpi_set_request(struct tcpi_core *core, uint8_t ext, uint32_t states);
  * audits the program: a rejected one makes each dump fail with NLMSG_ERROR EINVAL. */
 int tcpi_set_bytecode(struct tcpi_core *core, const uint8_t *bytecode, uint32_t len);
 
-/* Exclusions, checked in upstream's order: source port, local address, destination IP. */
+/* The userspace filter.  Exclusions are checked in upstream's order (source port,
+ * local address, destination IP); then, if include lists are set, a socket is kept
+ * only when one of its ends is in an included network and one of its ports in an
+ * included range.  Addresses follow inet_diag bytecode's host conditions, so that
+ * the kernel and this filter agree: family AF_INET with 4 address bytes matches
+ * AF_INET sockets and dual-stack AF_INET6 sockets in ::ffff:a.b.c.d form; AF_INET6
+ * with 16 bytes matches AF_INET6 sockets only.  prefix_len is in bits. */
 void tcpi_exclude_local(struct tcpi_core *core, int on);
 void tcpi_exclude_srcport(struct tcpi_core *core, uint16_t port);
-/* key: 16 bytes, IPv4 given in v4-mapped form (::ffff:a.b.c.d); it then matches
- * both AF_INET sockets and dual-stack AF_INET6 sockets talking to that address. */
-int tcpi_exclude_dstip(struct tcpi_core *core, const uint8_t *key);
-void tcpi_exclude_clear(struct tcpi_core *core);
+int tcpi_exclude_dstip(struct tcpi_core *core, uint8_t family, const uint8_t *addr);
+int tcpi_include_net(struct tcpi_core *core, uint8_t family, const uint8_t *addr,
+                     uint8_t prefix_len);
+void tcpi_include_ports(struct tcpi_core *core, uint16_t first, uint16_t last);
+void tcpi_filter_clear(struct tcpi_core *core);
 
 /* Dumps AF_INET6 then AF_INET, diffs against the previous poll, and fills *out.
- * *out stays valid until the next call.  Returns 0, or -1 if both families failed. */
+ * With a destroy listener, pending notifications are handled before, between and
+ * after the two dumps.  *out stays valid until the next poll or drain.
+ * Returns 0, or -1 if both families failed. */
 int tcpi_poll(struct tcpi_core *core, struct tcpi_poll_result **out);
+
+/* Subscribes to the sock_diag TCP destroy groups (IPv4 and IPv6; no privileges
+ * needed), so that the kernel's final tcp_info of every socket is recorded as it
+ * dies.  rcvbuf: the receive buffer wanted (SO_RCVBUFFORCE when permitted, else
+ * SO_RCVBUF up to net.core.rmem_max).  A connection missing from a completed dump
+ * is then reported vanished only after grace_ns without a notification (the
+ * kernel sends it from a work queue, and a socket that the application still holds
+ * in CLOSE state leaves the dump before it is destroyed).  Returns the socket's
+ * descriptor, to wait on between polls, or -1 with *err = errno. */
+int tcpi_destroy_listen(struct tcpi_core *core, uint32_t rcvbuf, int64_t grace_ns, int *err);
+/* The receive buffer the kernel granted the destroy listener (bytes), 0 if none. */
+uint32_t tcpi_destroy_rcvbuf(struct tcpi_core *core);
+
+/* Handles pending destroy notifications without polling; fills *out (only the
+ * destroyed list and destroy stats).  Returns the number of records. */
+int tcpi_drain(struct tcpi_core *core, struct tcpi_poll_result **out);
 
 /* Forget every tracked connection (the next poll reports all as new). */
 void tcpi_forget_all(struct tcpi_core *core);
@@ -121,6 +167,10 @@ uint32_t tcpi_encode_bound(uint32_t len, uint32_t ts_len);
  * poll of a busy host, megabytes of short-lived records would otherwise stay
  * resident.  Cheap enough to call about once a second. */
 void tcpi_release_memory(void);
+
+/* Asks the kernel to audit the attached bytecode with a dump that selects no
+ * state (no socket is walked).  Returns 0 if accepted, else the errno it gave. */
+int tcpi_check_bytecode(struct tcpi_core *core);
 
 /* The kernel's floor, for benchmarks: the same request and receive loop, only
  * counting messages.  Returns the count, or -1 with *err = errno. */

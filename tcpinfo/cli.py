@@ -14,10 +14,12 @@ from collections.abc import Sequence
 
 from tcpinfo import flags, metrics
 from tcpinfo.anonymize import make_anonymizer
+from tcpinfo.cadence import Cadence
 from tcpinfo.collector import Collector, archive_metadata
 from tcpinfo.eventsocket import EventServer, NullServer
-from tcpinfo.netlink import Exclusions, Poller
+from tcpinfo.netlink import Poller
 from tcpinfo.saver import Limits, Saver
+from tcpinfo.sockfilter import Filter
 from tcpinfo.uuidprefix import default_prefix
 
 log = logging.getLogger("tcp-info")
@@ -60,8 +62,23 @@ def run(config: flags.Config) -> int:
     if config.listen_address:
         port = metrics.start_http_server(config.listen_address)
         log.info("Serving metrics on port %d", port)
-    poller = Poller(Exclusions(local=config.exclude_local, srcports=set(config.exclude_srcport),
-                               dstips=list(config.exclude_dstip)))
+    sockets = Filter(local=config.exclude_local, srcports=set(config.exclude_srcport),
+                     dstips=list(config.exclude_dstip), include_nets=list(config.include_ip),
+                     include_ports=list(config.include_port))
+    poller = Poller(sockets)
+    try:
+        if config.kernel_filter:
+            refusal = poller.filter_in_kernel(sockets)
+            if refusal:
+                log.warning("Filtering sockets in userspace: %s", refusal)
+            metrics.KERNEL_FILTER.set(poller.bytecode_size)
+        if config.destroy_events:
+            poller.listen_destroyed()
+            log.info("Listening for destroy notifications (receive buffer %d bytes)",
+                     poller.destroy_rcvbuf())
+    except OSError:
+        poller.close()
+        raise
     events = (EventServer(config.eventsocket, mode=config.eventsocket_mode,
                           queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay)
               if config.eventsocket else NullServer())
@@ -75,7 +92,8 @@ def run(config: flags.Config) -> int:
                     rotate_ns=config.rotate_interval_ns)
     saver = Saver(os.getcwd(), prefix, limits,
                   archive_metadata(flags.format_duration(config.poll_interval_ns)))
-    collector = Collector(poller, saver, events, prefix, config.poll_interval_ns,
+    collector = Collector(poller, saver, events, prefix,
+                          Cadence(config.poll_interval_ns, config.cpu_budget),
                           make_anonymizer(config.anonymize_ip), frozenset(config.count_port))
     profiler = cProfile.Profile() if config.trace else None
     if profiler is not None:

@@ -5,6 +5,11 @@ those, so a host with 100,000 idle connections costs Python nothing per socket p
 record the work is split, anonymize, encode and append to the saver's buffer.  Unlike upstream, which
 has no signal handling, SIGTERM and SIGINT end the loop between polls; the saver then writes every
 buffer and the event socket tells its clients every open flow closed, so nothing recorded is lost.
+
+With the kernel's destroy notifications (the default), a dying socket's final tcp_info is the last
+record of its archive and its Close event is sent as soon as the notification arrives, also between
+polls; a connection that opened and closed between two polls still gets its archive and its
+Open/Close pair.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ import time
 import tcpinfo
 from tcpinfo import metrics
 from tcpinfo.anonymize import Anonymizer
+from tcpinfo.cadence import Cadence
 from tcpinfo.eventsocket import EventServer, NullServer
 from tcpinfo.inetdiag import IDM_LEN, split_message
-from tcpinfo.netlink import PREVIOUS_WAS_NIL, FamilyStats, Poller, PollResult
+from tcpinfo.netlink import PREVIOUS_WAS_NIL, SHORT, Change, DestroyStats, FamilyStats, Poller, PollResult
 from tcpinfo.record import encode_message
 from tcpinfo.saver import Saver
 from tcpinfo.uuidprefix import make_uuid
@@ -83,13 +89,13 @@ class Collector:
     """Runs polls at the target interval until told to stop, then shuts down cleanly."""
 
     def __init__(self, poller: Poller, saver: Saver, events: EventServer | NullServer, prefix: str,
-                 poll_interval_ns: int, anonymize: Anonymizer | None = None,
+                 cadence: Cadence, anonymize: Anonymizer | None = None,
                  counted_ports: frozenset[int] = frozenset()) -> None:
         self._poller = poller
         self._saver = saver
         self._events = events
         self._prefix = prefix
-        self._interval = poll_interval_ns
+        self._cadence = cadence
         self._anonymize = anonymize
         self._counted_ports = counted_ports
         self._port_of: dict[int, int] = {}
@@ -125,8 +131,13 @@ class Collector:
                 self._wake_w.close()
 
     def _loop(self, reps: int) -> None:
-        """Go-ticker cadence: a late poll is followed at once by the next, never by a burst."""
-        next_start = started = time.monotonic_ns()
+        """Go-ticker cadence: a late poll is followed at once by the next, never by a burst.
+
+        Between polls the loop sleeps on the signal pipe and the destroy listener, so a Close
+        is announced when the kernel reports it, not at the next poll.
+        """
+        scheduled = started = time.monotonic_ns()
+        cpu_mark = time.process_time_ns()
         last_report_s = 0
         while not self._stopping and (reps == 0 or self.polls < reps):
             result = self.poll_once()
@@ -140,16 +151,37 @@ class Collector:
             if wall_s != last_report_s:
                 self._report()
                 last_report_s = wall_s
-            next_start = max(next_start + self._interval, now)
-            if next_start > now and not self._stopping:
-                select.select([self._wake_r], [], [], (next_start - now) / NS)
+            cpu = time.process_time_ns()
+            scheduled = self._cadence.next_start(scheduled, now, cpu - cpu_mark)
+            cpu_mark = cpu
+            metrics.CYCLE_CPU.set(self._cadence.last_cpu_ns / NS)
+            metrics.POLL_PERIOD.set(self._cadence.period_ns / NS)
+            self._wait_until(scheduled)
+
+    def _wait_until(self, deadline: int) -> None:
+        """Sleeps until the monotonic deadline or a stop, handling destroy notifications."""
+        destroy_fd = self._poller.destroy_fd
+        fds = [self._wake_r] if destroy_fd < 0 else [self._wake_r, destroy_fd]
+        now = time.monotonic_ns()
+        while now < deadline and not self._stopping:
+            readable, _, _ = select.select(fds, [], [], (deadline - now) / NS)
+            if self._wake_r in readable:
+                self._wake_r.recv(4096)   # signal bytes; the handler has done its work
+            if destroy_fd in readable:
+                self.drain_once()
+            now = time.monotonic_ns()
+
+    def drain_once(self) -> None:
+        """Between polls: archive and announce the connections the kernel says have died."""
+        result = self._poller.drain()
+        self._close_destroyed(result.destroyed)
+        self._count_destroy(result.destroy)
 
     def poll_once(self) -> PollResult:
         """One poll: archive what changed, announce what opened and closed, flush what is due."""
         result = self._poller.poll()
         self.polls += 1
-        saver, events, prefix, anonymize = self._saver, self._events, self._prefix, self._anonymize
-        rates, counted = self._rates, self._counted_ports
+        events, prefix, counted = self._events, self._prefix, self._counted_ports
         new = 0
         for payload, cookie, _family, kind, ts in result.changes:
             if kind == PREVIOUS_WAS_NIL:
@@ -157,27 +189,45 @@ class Collector:
                 events.flow_created(ts, make_uuid(prefix, cookie), payload)
                 if counted:
                     self._count_port(cookie, payload)
-            try:
-                line, info = encode_message(
-                    ts, payload if anonymize is None else anonymize(payload[:IDM_LEN]), payload)
-            except ValueError as err:
-                self._log_limited("malformed", "Skipping a record that cannot be archived: %s", err)
-                metrics.DROPPED_RECORDS.labels(reason="malformed").inc()
-                continue
-            saver.write(cookie, ts, line)
-            rates.update(cookie, info)
+            self._archive(payload, cookie, ts)
+        self._close_destroyed(result.destroyed)
         now_ns = time.time_ns()
         for payload, cookie, *_ in result.vanished:
-            events.flow_deleted(now_ns, make_uuid(prefix, cookie))
-            saver.close_connection(cookie, now_ns)
-            rates.update(cookie, _info_of(payload))
-            rates.forget(cookie)
-            port = self._port_of.pop(cookie, None)
-            if port is not None:
-                metrics.PORT_CONNECTIONS.labels(port=str(port)).dec()
-        saver.flush_due(now_ns)
+            self._rates.update(cookie, _info_of(payload))
+            self._close(cookie, now_ns)
+        self._saver.flush_due(now_ns)
         self._count(result, new)
         return result
+
+    def _archive(self, payload: bytes, cookie: int, ts: int) -> None:
+        """Appends one snapshot to its connection's archive and its counters to the byte rates."""
+        anonymize = self._anonymize
+        try:
+            line, info = encode_message(
+                ts, payload if anonymize is None else anonymize(payload[:IDM_LEN]), payload)
+        except ValueError as err:
+            self._log_limited("malformed", "Skipping a record that cannot be archived: %s", err)
+            metrics.DROPPED_RECORDS.labels(reason="malformed").inc()
+            return
+        self._saver.write(cookie, ts, line)
+        self._rates.update(cookie, info)
+
+    def _close(self, cookie: int, ts: int) -> None:
+        """Ends a connection: Close event, archive written and closed, its counters forgotten."""
+        self._events.flow_deleted(ts, make_uuid(self._prefix, cookie))
+        self._saver.close_connection(cookie, ts)
+        self._rates.forget(cookie)
+        port = self._port_of.pop(cookie, None)
+        if port is not None:
+            metrics.PORT_CONNECTIONS.labels(port=str(port)).dec()
+
+    def _close_destroyed(self, destroyed: list[Change]) -> None:
+        """The kernel's final record ends each archive; a short flow gets its Open first."""
+        for payload, cookie, _family, kind, ts in destroyed:
+            if kind == SHORT:
+                self._events.flow_created(ts, make_uuid(self._prefix, cookie), payload)
+            self._archive(payload, cookie, ts)
+            self._close(cookie, ts)
 
     def _count_port(self, cookie: int, payload: bytes) -> None:
         port = int.from_bytes(payload[4:6], "big")
@@ -195,6 +245,25 @@ class Collector:
         metrics.CACHE_COUNT.observe(result.tracked)
         for family, stats in ((socket.AF_INET6, result.inet6), (socket.AF_INET, result.inet)):
             self._count_family(family, stats)
+        self._count_destroy(result.destroy)
+
+    def _count_destroy(self, stats: DestroyStats) -> None:
+        """Destroy notifications; the connections they end leave the cache as expired ones."""
+        if not stats.received and not stats.overruns and not stats.errno:
+            return
+        metrics.CACHE.labels(op="new").inc(stats.shortflow)
+        metrics.CACHE.labels(op="expired").inc(stats.final + stats.shortflow)
+        for outcome, n in (("final", stats.final), ("short", stats.shortflow),
+                           ("excluded", stats.excluded), ("late", stats.late), ("bad", stats.bad)):
+            if n:
+                metrics.DESTROY_NOTIFICATIONS.labels(outcome=outcome).inc(n)
+        if stats.overruns:
+            metrics.DESTROY_OVERRUNS.inc(stats.overruns)
+            self._log_limited("overrun", "The kernel dropped destroy notifications (receive "
+                              "buffer full); polls close those connections instead")
+        if stats.errno:
+            self._log_limited("destroy errno", "Reading destroy notifications failed: %s",
+                              os.strerror(stats.errno))
 
     def _count_family(self, family: int, stats: FamilyStats) -> None:
         af = metrics.AF_LABELS[family]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tcpinfo import metrics
+from tcpinfo import metrics, sockfilter
 
 MS = 1_000_000
 SECOND = 1_000_000_000
@@ -54,6 +54,11 @@ class Config:
     conn_buffer_limit: int = 1024 * 1024
     buffer_limit: int = 32 * 1024 * 1024
     rotate_interval_ns: int = 600 * SECOND
+    include_ip: list[str] = field(default_factory=list)
+    include_port: list[tuple[int, int]] = field(default_factory=list)
+    kernel_filter: bool = True
+    destroy_events: bool = True
+    cpu_budget: float = 0.0
     # For the startup log: "name=value" of every flag, and where a value came from.
     arguments: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -152,6 +157,40 @@ def parse_ip(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise ValueError(f"cannot convert ip {text!r}") from None
+
+
+def parse_cidr(text: str) -> str:
+    """An IPv4 or IPv6 prefix ("198.18.0.0/15", "fd00::/8"); a bare address is a /32 or /128."""
+    try:
+        return str(sockfilter.ip_network(text))
+    except ValueError:
+        raise ValueError(f"cannot convert network {text!r}: want a CIDR prefix such as "
+                         f"10.0.0.0/8 or fd00::/8") from None
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """A port ("443") or an inclusive range ("9000-9099")."""
+    first, dash, last = text.partition("-")
+    try:
+        low, high = parse_port(first), parse_port(last if dash else first)
+    except ValueError:
+        raise ValueError(f"cannot convert port range {text!r}: want a port or first-last "
+                         f"within 0-65535") from None
+    if low > high:
+        raise ValueError(f"port range {text!r} is empty (first > last)")
+    return low, high
+
+
+def parse_cpu_budget(text: str) -> float:
+    """A share of one CPU: "0.25" or "25%"; 0 means no budget."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"cannot convert CPU budget {text!r}: want a share of one CPU such "
+                         f"as 0.25 or 25%") from None
+    if not 0 <= value <= 64 or value != value:
+        raise ValueError(f"CPU budget {text!r} must be between 0 (none) and 64 CPUs")
+    return value
 
 
 def parse_anonymization(text: str) -> str:
@@ -284,6 +323,26 @@ FLAGS: tuple[Flag, ...] = (
     Flag("rotate-interval", "rotate_interval_ns", parse_duration,
          "Age at which a connection's archive is closed and the next sequence file started.",
          metavar="duration"),
+    Flag("include-ip", "include_ip", parse_cidr,
+         "Record only connections with a local or remote address in one of these prefixes "
+         "(exclusions still apply). Repeatable and comma-separated.", kind="list",
+         metavar="cidr"),
+    Flag("include-port", "include_port", parse_port_range,
+         "Record only connections with a local or remote port in one of these ports or ranges "
+         "(first-last; exclusions still apply). Repeatable and comma-separated.", kind="list",
+         metavar="ports"),
+    Flag("kernel-filter", "kernel_filter", parse_bool,
+         "Compile the exclusions and include lists to inet_diag bytecode so the kernel skips "
+         "unwanted sockets; if the kernel rejects the program, filter in userspace.",
+         kind="bool"),
+    Flag("destroy-events", "destroy_events", parse_bool,
+         "Subscribe to the kernel's TCP destroy notifications: each connection's final tcp_info "
+         "ends its archive, its Close is sent at once, and connections shorter than a poll are "
+         "recorded. false: upstream's poll-only behaviour.", kind="bool"),
+    Flag("cpu-budget", "cpu_budget", parse_cpu_budget,
+         "Most CPU the collector may use, as a share of one CPU (0.25 or 25%); polls are spaced "
+         "further apart than -poll-interval when they cost more. 0: no budget.",
+         metavar="share"),
 )
 _BY_NAME = {f.name: f for f in FLAGS}
 
@@ -297,7 +356,7 @@ def shell_variable_name(flag_name: str) -> str:
 def _show(flag: Flag, value: object) -> str:
     """A flag's value as the user would type it."""
     if flag.kind == "list":
-        return ",".join(str(v) for v in value)  # type: ignore[attr-defined]
+        return ",".join(_show_item(v) for v in value)  # type: ignore[attr-defined]
     if flag.parse is parse_duration:
         return format_duration(value)  # type: ignore[arg-type]
     if flag.parse is parse_size:
@@ -307,6 +366,13 @@ def _show(flag: Flag, value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _show_item(item: object) -> str:
+    """One list item as typed: port ranges as first-last."""
+    if isinstance(item, tuple):
+        return str(item[0]) if item[0] == item[1] else f"{item[0]}-{item[1]}"
+    return str(item)
 
 
 def format_duration(ns: int) -> str:

@@ -77,6 +77,7 @@ ACCOUNTING_ERRORS = (
     "totalReceived-reportedReceived exceeds network capacity",
 )
 CACHE_OPS = ("total", "new", "changed", "expired")
+DESTROY_OUTCOMES = ("final", "short", "excluded", "late", "bad")
 FLOW_EVENT_KINDS = ("open", "close")
 
 # --- Upstream's metrics (UPSTREAM.md section 9): names, types, labels, buckets, help. ---
@@ -118,6 +119,23 @@ CACHE = Counter(
 POLL_INTERVAL_ACHIEVED = Gauge(
     "tcpinfo_poll_interval_achieved_seconds",
     "Time between the starts of the two most recent polls.")
+POLL_PERIOD = Gauge(
+    "tcpinfo_poll_period_seconds",
+    "The poll interval chosen last: -poll-interval, or longer to stay within -cpu-budget.")
+CYCLE_CPU = Gauge(
+    "tcpinfo_cycle_cpu_seconds",
+    "CPU time the whole process used over the most recent poll cycle.")
+DESTROY_NOTIFICATIONS = Counter(
+    "tcpinfo_destroy_notifications_total",
+    "Kernel destroy notifications, by outcome: final (closed a polled connection), short (a "
+    "connection no poll saw), excluded, late (after a poll had closed it), bad.", ["outcome"])
+DESTROY_OVERRUNS = Counter(
+    "tcpinfo_destroy_overruns_total",
+    "Times the kernel reported lost destroy notifications (ENOBUFS); polls close those "
+    "connections instead.")
+KERNEL_FILTER = Gauge(
+    "tcpinfo_kernel_filter_bytes",
+    "Size of the inet_diag bytecode filter the kernel runs on every dump; 0 if none.")
 DUMP_ERRORS = Counter(
     "tcpinfo_dump_errors_total",
     "Socket dumps that failed or were interrupted, by address family and reason.",
@@ -154,6 +172,8 @@ for _type in (*UPSTREAM_DUMP_ERRORS, *ACCOUNTING_ERRORS):
     ERRORS.labels(type=_type)
 for _op in CACHE_OPS:
     CACHE.labels(op=_op)
+for _outcome in DESTROY_OUTCOMES:
+    DESTROY_NOTIFICATIONS.labels(outcome=_outcome)
 for _event in FLOW_EVENT_KINDS:
     FLOW_EVENTS.labels(event=_event)
 BUILD_INFO.labels(version=tcpinfo.__version__, python=platform.python_version(),

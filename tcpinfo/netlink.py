@@ -7,13 +7,13 @@ costs the interpreter nothing per socket.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from tcpinfo._native import ffi, lib
+from tcpinfo.sockfilter import Filter, compile_filter
 
 # Upstream's request (UPSTREAM.md 2.3): all eight extension bits, every state but
 # SYN_RECV, TIME_WAIT and CLOSE.
@@ -25,33 +25,22 @@ CHANGE_NAMES = ("NoMajorChange", "IDiagStateChange", "NoTCPInfo", "NewAttribute"
                 "LostAttribute", "AttributeLength", "StateOrCounterChange",
                 "PacketCountChange", "PreviousWasNil", "Other")
 PREVIOUS_WAS_NIL = 8
+FINAL = 10   # from a destroy notification: the last tcp_info of a connection polls had seen
+SHORT = 11   # from a destroy notification: a connection that lived between two polls
 
 # Why a family's dump failed, by tcpi_status value (metric label values).
 STATUS_NAMES = {1: "syscall", 2: "wrong seq num", 3: "wrong pid", 4: "NLMSG_ERROR",
                 5: "truncated", 6: "out of memory"}
 
 
-@dataclass
-class Exclusions:
-    """Which sockets are never recorded (upstream's ExcludeConfig, bugs fixed).
-
-    Any port 0-65535 can be excluded, and an IPv4 destination also matches the
-    v4-mapped form that dual-stack AF_INET6 sockets carry.
-    """
-
-    local: bool = True
-    srcports: set[int] = field(default_factory=set)
-    dstips: list[str] = field(default_factory=list)
-
-
 class Change(NamedTuple):
-    """One socket that is new or changed (or, in `vanished`, gone)."""
+    """One socket that is new or changed (or, in `vanished` and `destroyed`, gone)."""
 
     payload: bytes      # 72-byte inet_diag_msg followed by its attributes
     cookie: int
     family: int         # socket.AF_INET or socket.AF_INET6
-    kind: int           # upstream ChangeType; 0 for vanished sockets
-    timestamp_ns: int   # wall clock when this family's dump finished
+    kind: int           # upstream ChangeType, FINAL or SHORT; 0 for vanished sockets
+    timestamp_ns: int   # wall clock: end of the family's dump, or receipt of the notification
 
 
 class FamilyStats(NamedTuple):
@@ -68,12 +57,27 @@ class FamilyStats(NamedTuple):
     end_ns: int
 
 
+class DestroyStats(NamedTuple):
+    """What became of the destroy notifications one poll or drain handled."""
+
+    received: int
+    final: int       # closed a connection the polls had seen
+    shortflow: int   # a connection no poll had seen
+    excluded: int    # filtered out, or a socket that never connected
+    late: int        # for a connection a poll had already closed
+    bad: int
+    overruns: int    # ENOBUFS: the kernel dropped notifications (polls cover the closes)
+    errno: int       # last unexpected receive error, 0 if none
+
+
 @dataclass
 class PollResult:
     changes: list[Change]
     vanished: list[Change]
+    destroyed: list[Change]
     inet6: FamilyStats
     inet: FamilyStats
+    destroy: DestroyStats
     tracked: int
 
 
@@ -83,12 +87,18 @@ def _family_stats(st) -> FamilyStats:
                        bool(st.interrupted), st.duration_ns, st.end_realtime_ns)
 
 
-def dstip_key(text: str) -> bytes:
-    """The 16-byte key the core matches destinations against (IPv4 as v4-mapped)."""
-    addr = ipaddress.ip_address(text)
-    if addr.version == 4:
-        return bytes(10) + b"\xff\xff" + addr.packed
-    return addr.packed
+def _records(res, records, count: int) -> list[Change]:
+    data, unpack = ffi.cast("char *", res.data), ffi.unpack  # one copy per reported socket
+    out = []
+    for i in range(count):
+        r = records[i]
+        out.append(Change(unpack(data + r.offset, r.length), r.cookie, r.family, r.kind,
+                          r.realtime_ns))
+    return out
+
+
+def _family(addr) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
 
 
 def compare(current: bytes, previous: bytes) -> int:
@@ -105,7 +115,7 @@ def compare(current: bytes, previous: bytes) -> int:
 class Poller:
     """A netlink sock_diag socket kept open across polls, and the C snapshot table."""
 
-    def __init__(self, exclusions: Exclusions | None = None, recv_size: int = 65536,
+    def __init__(self, sockets: Filter | None = None, recv_size: int = 65536,
                  ext: int = DEFAULT_EXT, states: int = DEFAULT_STATES) -> None:
         err = ffi.new("int *")
         core = lib.tcpi_core_new(recv_size, err)
@@ -114,21 +124,27 @@ class Poller:
         self._core = ffi.gc(core, lib.tcpi_core_free)
         self._out = ffi.new("struct tcpi_poll_result **")
         lib.tcpi_set_request(self._core, ext, states)
-        self.set_exclusions(exclusions or Exclusions())
+        self.destroy_fd = -1
+        self.bytecode_size = 0
+        self.set_filter(sockets or Filter())
 
-    def set_exclusions(self, ex: Exclusions) -> None:
-        """Replaces the exclusion rules (bad ports or addresses raise ValueError)."""
-        keys = [dstip_key(ip) for ip in ex.dstips]
-        for port in ex.srcports:
-            if not 0 <= port <= 65535:
-                raise ValueError(f"port {port} is outside 0-65535")
-        lib.tcpi_exclude_clear(self._core)
-        lib.tcpi_exclude_local(self._core, int(ex.local))
-        for port in ex.srcports:
-            lib.tcpi_exclude_srcport(self._core, port)
-        for key in keys:
-            if lib.tcpi_exclude_dstip(self._core, key) != 0:
+    def set_filter(self, f: Filter) -> None:
+        """Replaces the userspace filter (bad ports, addresses or prefixes raise ValueError)."""
+        addresses, networks = f.addresses(), f.networks()
+        core = self._core
+        lib.tcpi_filter_clear(core)
+        lib.tcpi_exclude_local(core, int(f.local))
+        for port in f.srcports:
+            lib.tcpi_exclude_srcport(core, port)
+        for addr in addresses:
+            if lib.tcpi_exclude_dstip(core, _family(addr), addr.packed) != 0:
                 raise ValueError("too many excluded destination addresses (limit 1024)")
+        for net in networks:
+            if lib.tcpi_include_net(core, _family(net), net.network_address.packed,
+                                    net.prefixlen) != 0:
+                raise ValueError("too many included networks (limit 1024)")
+        for first, last in f.include_ports:
+            lib.tcpi_include_ports(core, first, last)
 
     def set_bytecode(self, program: bytes) -> None:
         """Attaches an inet_diag bytecode filter to every dump (b"" removes it).
@@ -138,23 +154,71 @@ class Poller:
         """
         if lib.tcpi_set_bytecode(self._core, program, len(program)) != 0:
             raise ValueError(f"bytecode of {len(program)} bytes is too long or memory ran out")
+        self.bytecode_size = len(program)
+
+    def check_bytecode(self) -> int:
+        """0 if the kernel accepts the attached program, else the errno it rejects it with.
+
+        Costs one dump that selects no state, so no socket is walked.
+        """
+        return lib.tcpi_check_bytecode(self._core)
+
+    def filter_in_kernel(self, sockets: Filter) -> str | None:
+        """Has the kernel apply `sockets` while it dumps; returns None, or why it cannot.
+
+        The userspace filter stays in place either way, so a refusal (a program too long, or
+        one the kernel's audit rejects) costs speed, never correctness.
+        """
+        try:
+            program = compile_filter(sockets)
+        except ValueError as err:
+            return str(err)
+        self.set_bytecode(program)
+        errno_value = self.check_bytecode() if program else 0
+        if errno_value:
+            self.set_bytecode(b"")
+            return (f"the kernel rejected the {len(program)}-byte inet_diag filter "
+                    f"({os.strerror(errno_value)})")
+        return None
+
+    def listen_destroyed(self, rcvbuf: int = 8 << 20, grace_ns: int = 1_000_000_000) -> int:
+        """Subscribes to the kernel's TCP destroy notifications; returns the fd to wait on.
+
+        From then on every poll (and `drain`) reports each dying socket's final record in
+        `destroyed`, and a connection that merely went missing from the dumps is reported
+        vanished only after `grace_ns` without its notification.
+        """
+        err = ffi.new("int *")
+        fd = lib.tcpi_destroy_listen(self._core, rcvbuf, grace_ns, err)
+        if fd < 0:
+            raise OSError(err[0], "cannot subscribe to sock_diag destroy notifications: "
+                          f"{os.strerror(err[0])}")
+        self.destroy_fd = fd
+        return fd
+
+    def destroy_rcvbuf(self) -> int:
+        """The receive buffer the kernel granted the destroy listener, in bytes."""
+        return lib.tcpi_destroy_rcvbuf(self._core)
 
     def poll(self) -> PollResult:
-        """Dumps IPv6 then IPv4 sockets; returns only new, changed and vanished ones."""
+        """Dumps IPv6 then IPv4 sockets; returns only new, changed, vanished and destroyed ones."""
         lib.tcpi_poll(self._core, self._out)
+        return self._result()
+
+    def drain(self) -> PollResult:
+        """Handles pending destroy notifications without dumping (when the fd is readable)."""
+        lib.tcpi_drain(self._core, self._out)
+        return self._result()
+
+    def _result(self) -> PollResult:
         res = self._out[0]
-        data, unpack = ffi.cast("char *", res.data), ffi.unpack  # one copy per reported socket
-        t6, t4 = res.inet6.end_realtime_ns, res.inet.end_realtime_ns
-        changes = []
-        for i in range(res.n_records):
-            r = res.records[i]
-            changes.append(Change(unpack(data + r.offset, r.length), r.cookie, r.family,
-                                  r.kind, t6 if r.family == socket.AF_INET6 else t4))
-        vanished = []
-        for i in range(res.n_vanished):
-            r = res.vanished[i]
-            vanished.append(Change(unpack(data + r.offset, r.length), r.cookie, r.family, 0, t4))
-        return PollResult(changes, vanished, _family_stats(res.inet6), _family_stats(res.inet),
+        return PollResult(_records(res, res.records, res.n_records),
+                          _records(res, res.vanished, res.n_vanished),
+                          _records(res, res.destroyed, res.n_destroyed),
+                          _family_stats(res.inet6), _family_stats(res.inet),
+                          DestroyStats(*(getattr(res.destroy, name) for name in (
+                              "received", "final", "shortflow", "excluded", "late", "bad",
+                              "overruns", "errno_value"))),
                           res.tracked)
 
     def forget_all(self) -> None:

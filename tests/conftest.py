@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from daemon_helpers import Daemon
 from topology import Topology
 
 
@@ -25,3 +26,17 @@ def shaped_testnet():
     topo = Topology(shape_egress=True)
     yield topo
     topo.destroy()
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    """Starts tcp-info processes (Daemon(...) arguments); kills any still running at the end."""
+    started: list[Daemon] = []
+
+    def start(*args, **kw) -> Daemon:
+        started.append(Daemon(tmp_path, *args, **kw))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.kill()

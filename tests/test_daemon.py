@@ -4,105 +4,23 @@ from __future__ import annotations
 import ipaddress
 import os
 import pstats
-import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import orjson
 import pytest
 import zstandard
 
-from tcpinfo.record import DecodedLine, decode_line, parse_time
+from daemon_helpers import (CLIENT, archives, metric, read_archive, records, scrape, uuid_of,
+                            wait_until)
+from tcpinfo.record import decode_line, parse_time
 from tcpinfo.tcp import decode_tcp_info
 from topology import cookie_of, run
-
-PREFIX = "test-host_1700000000"
-
-
-def read_archive(path: Path) -> list[DecodedLine]:
-    """Every line of a multi-frame .jsonl.zst file."""
-    with open(path, "rb") as f:
-        data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
-    return [decode_line(line) for line in data.splitlines()]
-
-
-def archives(root: Path) -> dict[str, list[Path]]:
-    """Archive files by UUID, in sequence order."""
-    series: dict[str, list[Path]] = {}
-    for path in sorted(root.rglob("*.jsonl.zst"), key=lambda p: p.name):
-        series.setdefault(path.name.split(".")[0], []).append(path)
-    return series
-
-
-def records(root: Path, cookie: int) -> list[DecodedLine]:
-    """The data records (headers left out) of one connection, across its files."""
-    lines: list[DecodedLine] = []
-    for path in archives(root).get(f"{PREFIX}_{cookie:016X}", []):
-        lines += [line for line in read_archive(path) if line.raw_idm is not None]
-    return lines
-
-
-def uuid_of(sock: socket.socket) -> str:
-    return f"{PREFIX}_{cookie_of(sock):016X}"
-
-
-class Daemon:
-    """tcp-info running in a namespace, its stderr in a file in `workdir`."""
-
-    def __init__(self, workdir: Path, topo, ns: str, out: Path, *flags: str,
-                 env: dict | None = None) -> None:
-        prefix_file = workdir / "prefix"
-        prefix_file.write_text(PREFIX)
-        self.log = workdir / f"tcp-info.{len(list(workdir.glob('*.log')))}.log"
-        with open(self.log, "ab") as log:
-            self.proc = topo.popen(ns, "tcp-info", "-output", str(out), "-uuid-prefix-file",
-                                   str(prefix_file), "-prometheusx.listen-address=", *flags,
-                                   stdout=subprocess.DEVNULL, stderr=log, env=env)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, text: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.text():
-            assert self.proc.poll() is None, f"tcp-info exited:\n{self.text()}"
-            assert time.monotonic() < deadline, f"never logged {text!r}:\n{self.text()}"
-            time.sleep(0.02)
-
-    def stop(self, timeout: float = 5.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    started: list[Daemon] = []
-
-    def start(*args, **kw) -> Daemon:
-        started.append(Daemon(tmp_path, *args, **kw))
-        return started[-1]
-
-    yield start
-    for daemon in started:
-        daemon.kill()
-
-
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.02)
 
 
 def test_each_connection_gets_one_archive_series_with_header_and_records(testnet, tmp_path,
@@ -351,14 +269,6 @@ def test_after_sigkill_every_file_decodes_up_to_its_last_flushed_frame(testnet, 
         assert lines[0].metadata["UUID"] == uuid_of(client) and len(lines) > 2
 
 
-def metric(text: str, name: str) -> float:
-    """A sample's value from Prometheus text exposition (`name` includes any labels)."""
-    for row in text.splitlines():
-        if row.startswith(name + " "):
-            return float(row.split()[-1])
-    raise AssertionError(f"{name} not exposed")
-
-
 def test_metrics_count_files_snapshots_open_connections_ports_and_bytes_sent(testnet, tmp_path,
                                                                               daemons):
     listener = testnet.listen()
@@ -391,12 +301,6 @@ def test_metrics_count_files_snapshots_open_connections_ports_and_bytes_sent(tes
     assert metric(after, f'tcpinfo_port_connections{{port="{port}"}}') == 2
     assert metric(after, 'tcpinfo_cache_total{op="expired"}') >= 1
     assert metric(after, 'tcpinfo_cache_total{op="total"}') > metric(text, 'tcpinfo_cache_total{op="total"}')
-
-
-def scrape(topo) -> str:
-    with topo.inside(topo.ns_b):
-        with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=5) as reply:
-            return reply.read().decode()
 
 
 def test_a_busy_connection_rotates_into_numbered_files_with_one_start_time(testnet, tmp_path,
@@ -439,16 +343,6 @@ def test_event_socket_flags_set_its_permissions_and_replay_open_connections(
 def test_bad_event_socket_mode_exits_2(testnet, tmp_path):
     proc = testnet.exec(testnet.ns_a, "tcp-info", "-tcpinfo.eventsocket-mode=999")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-
-
-CLIENT = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-for line in s.makefile("rb"):
-    sys.stdout.buffer.write(line)
-    sys.stdout.flush()
-"""
 
 
 def test_a_client_process_gets_upstreams_exact_open_and_close_bytes(testnet, tmp_path, daemons):

@@ -34,6 +34,17 @@ def test_list_flags_repeat_and_split_on_commas():
     assert config.exclude_dstip == ["10.0.0.1", "::ffff:a00:2", "fd00::1"]
 
 
+def test_include_lists_take_prefixes_and_port_ranges_and_budget_takes_a_share_or_percent():
+    config = parse(["-include-ip=198.18.0.5/15,fd00::/8", "-include-ip", "::ffff:10.1.2.3/120",
+                    "-include-port=443,9000-9099", "-cpu-budget=25%"], {})
+    assert config.include_ip == ["198.18.0.0/15", "fd00::/8", "10.1.2.0/24"]
+    assert config.include_port == [(443, 443), (9000, 9099)]
+    assert config.cpu_budget == 0.25 and parse(["-cpu-budget=1.5"], {}).cpu_budget == 1.5
+    assert "include-port=443,9000-9099" in config.arguments
+    defaults = parse([], {})
+    assert defaults.destroy_events and defaults.kernel_filter and defaults.cpu_budget == 0
+
+
 @pytest.mark.parametrize("text,value", [("010", 8), ("0x10", 16), ("0o17", 15), ("0b101", 5),
                                         ("1_000", 1000), ("+5", 5), ("0", 0)])
 def test_reps_parses_like_go_base_zero(text, value):
@@ -54,6 +65,12 @@ def test_reps_parses_like_go_base_zero(text, value):
     (["-flush-size=0"], "invalid value '0' for flag -flush-size"),
     (["-flush-size=2MiB"], "want -flush-size <= -conn-buffer-limit <= -buffer-limit"),
     (["-prometheusx.listen-address=9990"], "bad listen address '9990'"),
+    (["-include-ip=10.0.0.0/33"], "cannot convert network '10.0.0.0/33'"),
+    (["-include-port=443-80"], "port range '443-80' is empty"),
+    (["-include-port=70000"], "cannot convert port range '70000'"),
+    (["-cpu-budget=lots"], "cannot convert CPU budget 'lots'"),
+    (["-cpu-budget=-0.5"], "must be between 0 .none. and 64 CPUs"),
+    (["-destroy-events=maybe"], "invalid value 'maybe' for flag -destroy-events"),
     (["-uuid-prefix-file=/nonexistent/prefix"], "No such file or directory"),
     (["-nosuch"], "flag provided but not defined: -nosuch"),
     (["-reps"], "flag needs an argument: -reps"),

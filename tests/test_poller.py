@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from tcpinfo.netlink import CHANGE_NAMES, PREVIOUS_WAS_NIL, Exclusions, Poller
+from tcpinfo.netlink import CHANGE_NAMES, PREVIOUS_WAS_NIL, Poller
+from tcpinfo.sockfilter import Filter
 from topology import cookie_of
 
 TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT = 4, 5, 8
@@ -138,10 +139,10 @@ def test_exclusions_drop_ports_destinations_and_local_addresses(testnet):
         dual.connect(("::ffff:198.18.0.2", 4000))
     held.append(testnet.connect(socket.AF_INET6, listener=v6_listener))
 
-    ex = Exclusions(srcports=set(), dstips=["198.18.0.2"])
-    everything = poller_in(testnet, testnet.ns_b, Exclusions(local=False)).poll()
+    ex = Filter(srcports=set(), dstips=["198.18.0.2"])
+    everything = poller_in(testnet, testnet.ns_b, Filter(local=False)).poll()
     assert any(c.payload[24:28] == bytes([127, 0, 0, 1]) for c in
-               poller_in(testnet, testnet.ns_a, Exclusions(local=False)).poll().changes)
+               poller_in(testnet, testnet.ns_a, Filter(local=False)).poll().changes)
     assert everything.changes  # sanity: b sees its accepted sockets
 
     # In a: exclude dst 198.18.0.2 (IPv4 and v4-mapped alike) and local addresses.
@@ -152,7 +153,7 @@ def test_exclusions_drop_ports_destinations_and_local_addresses(testnet):
     assert a.inet.excluded == 6 and a.inet6.excluded == 1
 
     # In b: exclude source ports 1 and 65535 (upstream could not exclude >= 32768).
-    b = poller_in(testnet, testnet.ns_b, Exclusions(srcports={1, 65535})).poll()
+    b = poller_in(testnet, testnet.ns_b, Filter(srcports={1, 65535})).poll()
     ports = {struct.unpack(">H", c.payload[4:6])[0] for c in b.changes}
     assert 1 not in ports and 65535 not in ports and 4000 in ports
     for s in (extra, loop_listener, loop_client, dual, other_v4):
@@ -161,7 +162,7 @@ def test_exclusions_drop_ports_destinations_and_local_addresses(testnet):
 
 def test_bad_exclusion_port_is_rejected():
     with pytest.raises(ValueError):
-        Poller(Exclusions(srcports={70000}))
+        Poller(Filter(srcports={70000}))
 
 
 def test_failed_dump_never_reports_its_connections_vanished(testnet):

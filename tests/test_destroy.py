@@ -1,0 +1,146 @@
+"""The kernel's destroy notifications: final records, short flows, and what polls still close."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from tcpinfo.inetdiag import split_message
+from tcpinfo.netlink import FINAL, SHORT, Poller
+from tcpinfo.sockfilter import Filter
+from tcpinfo.tcp import decode_tcp_info
+from topology import cookie_of
+
+TCP_CLOSE = 7
+INFO = 2
+
+
+def listening_poller(topo, ns: str, sockets: Filter | None = None,
+                     grace_ns: int = 1_000_000_000) -> Poller:
+    with topo.inside(ns):
+        poller = Poller(sockets)
+        poller.listen_destroyed(grace_ns=grace_ns)
+    return poller
+
+
+def drain_until(poller: Poller, cookies: set[int], timeout: float = 3.0) -> dict:
+    """Destroy records by cookie, once every cookie in `cookies` has one."""
+    seen: dict = {}
+    deadline = time.monotonic() + timeout
+    while not cookies <= seen.keys():
+        assert time.monotonic() < deadline, f"no destroy notification for {cookies - seen.keys()}"
+        seen.update({c.cookie: c for c in poller.drain().destroyed})
+        time.sleep(0.01)
+    return seen
+
+
+def info_of(payload: bytes) -> dict:
+    _, attributes = split_message(payload)
+    return decode_tcp_info(attributes[INFO])
+
+
+def test_closing_a_polled_connection_yields_its_final_tcp_info(testnet):
+    poller = listening_poller(testnet, testnet.ns_a)
+    client, server, _ = testnet.connect()
+    cookie = cookie_of(client)
+    assert cookie in {c.cookie for c in poller.poll().changes}
+    client.sendall(b"x" * 50_000)
+    received = 0
+    while received < 50_000:
+        received += len(server.recv(65536))
+    server.close()
+    time.sleep(0.05)
+    client.close()
+
+    final = drain_until(poller, {cookie})[cookie]
+    assert final.kind == FINAL and final.family == socket.AF_INET
+    assert final.payload[1] == TCP_CLOSE
+    assert info_of(final.payload)["bytes_acked"] >= 50_000
+    assert abs(final.timestamp_ns - time.time_ns()) < 5 * 10**9
+    later = poller.poll()
+    assert cookie not in {c.cookie for c in later.changes + later.vanished + later.destroyed}
+
+
+def test_connection_opened_and_closed_between_polls_is_a_short_flow(testnet):
+    poller = listening_poller(testnet, testnet.ns_a)
+    poller.poll()
+    client, server, listener = testnet.connect()
+    cookie, ports = cookie_of(client), (client.getsockname()[1], client.getpeername()[1])
+    client.sendall(b"y" * 10_000)
+    server.recv(65536)
+    server.close()
+    client.close()
+    listener.close()
+
+    short = drain_until(poller, {cookie})[cookie]
+    assert short.kind == SHORT
+    assert struct.unpack_from("!HH", short.payload, 4) == ports
+    assert info_of(short.payload)["bytes_acked"] >= 10_000
+    assert cookie not in {c.cookie for c in poller.poll().vanished}
+
+
+def test_time_wait_remnant_of_a_finished_connection_is_not_a_new_one(testnet):
+    poller = listening_poller(testnet, testnet.ns_a)
+    client, server, _ = testnet.connect()
+    cookie = cookie_of(client)
+    poller.poll()
+    client.close()   # the server keeps its end open: the client waits in FIN_WAIT2 as time-wait
+    drain_until(poller, {cookie})
+    for _ in range(5):
+        result = poller.poll()
+        assert cookie not in {c.cookie for c in result.changes + result.vanished}
+        time.sleep(0.02)
+    server.close()
+
+
+def test_socket_reset_but_still_held_is_closed_after_the_grace_and_its_late_notice_dropped(
+        testnet):
+    poller = listening_poller(testnet, testnet.ns_a, grace_ns=200_000_000)
+    client, server, _ = testnet.connect()
+    cookie = cookie_of(client)
+    poller.poll()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.close()   # RST: the client's socket is CLOSE, out of the dumps, but not freed
+    time.sleep(0.05)
+    assert cookie not in {c.cookie for c in poller.poll().vanished}   # within the grace
+    time.sleep(0.25)
+    vanished = poller.poll().vanished
+    assert [c.cookie for c in vanished] == [cookie]
+    client.close()
+    deadline = time.monotonic() + 3
+    late = 0
+    while not late and time.monotonic() < deadline:
+        result = poller.drain()
+        assert result.destroyed == []
+        late = result.destroy.late
+    assert late == 1
+
+
+def test_excluded_connections_notifications_are_dropped(testnet):
+    listener = testnet.listen()
+    port = listener.getsockname()[1]
+    poller = listening_poller(testnet, testnet.ns_b, Filter(srcports={port}))
+    poller.poll()
+    client, server, _ = testnet.connect(listener=listener)
+    server.close()
+    client.close()
+    deadline = time.monotonic() + 3
+    excluded = 0
+    while not excluded and time.monotonic() < deadline:
+        result = poller.drain()
+        assert result.destroyed == []
+        excluded += result.destroy.excluded
+    assert excluded >= 1
+
+
+def test_without_a_listener_a_closed_connection_vanishes_at_the_next_poll(testnet):
+    with testnet.inside(testnet.ns_a):
+        poller = Poller()
+    client, server, _ = testnet.connect()
+    cookie = cookie_of(client)
+    poller.poll()
+    client.close()
+    server.close()
+    time.sleep(0.05)
+    result = poller.poll()
+    assert cookie in {c.cookie for c in result.vanished} and result.destroyed == []
