@@ -71,6 +71,9 @@ def run(config: flags.Config) -> int:
             refusal = poller.filter_in_kernel(sockets)
             if refusal:
                 log.warning("Filtering sockets in userspace: %s", refusal)
+            elif poller.bytecode_size:
+                log.info("The kernel filters sockets with a %d-byte inet_diag program",
+                         poller.bytecode_size)
             metrics.KERNEL_FILTER.set(poller.bytecode_size)
         if config.destroy_events:
             poller.listen_destroyed()
