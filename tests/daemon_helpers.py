@@ -91,8 +91,9 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not exposed")
 
 
-def scrape(topo) -> str:
-    with topo.inside(topo.ns_b):
+def scrape(topo, ns: str | None = None) -> str:
+    """/metrics of a daemon listening on 127.0.0.1:9990 in `ns` (default: b)."""
+    with topo.inside(ns or topo.ns_b):
         with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=5) as reply:
             return reply.read().decode()
 
