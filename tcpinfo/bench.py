@@ -6,7 +6,9 @@ have 2N file descriptors) and prints, side by side, wall time and CPU per poll f
   * tcpinfo: one Poller.poll() (dump both families, diff in C, nothing changed);
   * bare C loop: the same request, only received and counted (the kernel's floor);
   * ss -tin: iproute2 run once per poll, as a user would.
-`csvtool` and `saver` time the converter and the write path.  Needs root (namespaces).
+`filter` shows what kernel-side filtering saves when most sockets are excluded, `daemon`
+the real tcp-info's memory and achieved cadence, `csvtool` and `saver` the converter and
+the write path.  The socket benchmarks need root (namespaces).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import time
 
 from tcpinfo.netns import Topology
 from tcpinfo.netlink import Poller
+from tcpinfo.sockfilter import Filter
 
 PER_CHILD = 4000  # connections per holder process: 8,000 fds, under the 20,000 limit
 
@@ -38,11 +41,12 @@ def _hold(topo: Topology, port: int, count: int, ready, done) -> None:
     done.recv()
 
 
-def open_connections(topo: Topology, n: int) -> list:
-    """Starts holder processes until n connections exist; returns their handles."""
+def open_connections(topo: Topology, n: int, port: int = 5000) -> list:
+    """Starts holder processes until n connections exist (to b's ports from `port` up, one per
+    holder); returns their handles."""
     topo.exec(topo.ns_a, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
     ctx = multiprocessing.get_context("fork")
-    holders, port = [], 5000
+    holders = []
     while n > 0:
         count = min(n, PER_CHILD)
         ready_r, ready_w = ctx.Pipe(False)
@@ -61,6 +65,10 @@ def close_connections(holders: list) -> None:
     for proc, _, done_w in holders:
         done_w.send(True)
         proc.join(10)
+
+
+def _ports(holders: list, first: int) -> set[int]:
+    return set(range(first, first + len(holders)))
 
 
 def _timed(fn, rounds: int) -> tuple[float, float]:
@@ -118,13 +126,73 @@ def bench_poll(n: int, rounds: int) -> dict:
         topo.destroy()
 
 
+def bench_filter(excluded: int, included: int, rounds: int) -> dict:
+    """Poll cost when most sockets are excluded: filtered in userspace vs by the kernel.
+
+    `excluded` connections go to ports that -exclude-srcport names (as M-Lab excludes its
+    operational ports), `included` ones to another port; the poller runs in b.
+    """
+    topo = Topology()
+    holders = []
+    try:
+        holders = open_connections(topo, excluded, port=5000)
+        kept = open_connections(topo, included, port=7000)
+        holders += kept
+        sockets = Filter(srcports=_ports(holders[:len(holders) - len(kept)], 5000))
+        with topo.inside(topo.ns_b):
+            user, kernel = Poller(sockets), Poller(sockets)
+        refusal = kernel.filter_in_kernel(sockets)
+        if refusal:
+            raise RuntimeError(refusal)
+        counts = [len(p.poll().changes) for p in (user, kernel)]
+        runs = [(_timed(user.poll, 4), _timed(kernel.poll, 4)) for _ in range(max(1, rounds // 4))]
+        return {"excluded": excluded, "included": included, "recorded": counts,
+                "program_bytes": kernel.bytecode_size, "rounds": rounds,
+                "userspace": (statistics.median(u[0] for u, _ in runs),
+                              statistics.mean(u[1] for u, _ in runs)),
+                "kernel": (statistics.median(k[0] for _, k in runs),
+                           statistics.mean(k[1] for _, k in runs))}
+    finally:
+        close_connections(holders)
+        topo.destroy()
+
+
+def print_filter(r: dict) -> None:
+    (uw, uc), (kw, kc) = r["userspace"], r["kernel"]
+    print(f"{r['excluded']} excluded + {r['included']} included idle connections; recorded "
+          f"(userspace, kernel): {r['recorded']}; program {r['program_bytes']} bytes; "
+          f"median of {r['rounds']} polls")
+    print(f"| {'filter':18} | {'wall ms/poll':>12} | {'CPU ms/poll':>11} |")
+    print(f"|{'-' * 20}|{'-' * 14}|{'-' * 13}|")
+    for name, w, c in (("userspace (C)", uw, uc), ("kernel bytecode", kw, kc)):
+        print(f"| {name:18} | {w * 1e3:12.2f} | {c * 1e3:11.2f} |")
+    print(f"filtering in the kernel makes a poll {uw / kw:.1f}x faster")
+
+
 def _vm_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
+def _poll_totals(topo: Topology) -> tuple[float, float]:
+    """(seconds, polls) so far from the daemon's tcpinfo_polling_interval_histogram."""
+    import urllib.request
+    with topo.inside(topo.ns_b):
+        with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    values = {}
+    for row in text.splitlines():
+        name, _, value = row.partition(" ")
+        if name in ("tcpinfo_polling_interval_histogram_sum",
+                    "tcpinfo_polling_interval_histogram_count"):
+            values[name] = float(value)
+    return (values["tcpinfo_polling_interval_histogram_sum"],
+            values["tcpinfo_polling_interval_histogram_count"])
+
+
 def bench_daemon(n: int, seconds: float) -> dict:
-    """Resident memory of the real tcp-info over n idle connections, archives on tmpfs."""
+    """Resident memory and achieved poll cadence of the real tcp-info over n idle connections,
+    archives on tmpfs."""
     import shutil
     import signal
     import tempfile
@@ -132,19 +200,23 @@ def bench_daemon(n: int, seconds: float) -> dict:
     holders, out = [], tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         holders = open_connections(topo, n)
-        proc = topo.popen(topo.ns_b, "tcp-info", "-output", out, "-prometheusx.listen-address=",
-                          stderr=subprocess.DEVNULL)
+        proc = topo.popen(topo.ns_b, "tcp-info", "-output", out,
+                          "-prometheusx.listen-address=127.0.0.1:9990", stderr=subprocess.DEVNULL)
         start = time.monotonic()
         files = 0
         while time.monotonic() - start < seconds + 120 and files < n:
             time.sleep(0.5)
             files = sum(len(f) for _, _, f in os.walk(out))
+        sum0, count0 = _poll_totals(topo)
         time.sleep(seconds)
+        sum1, count1 = _poll_totals(topo)
         rss = _vm_rss_mb(int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0])
                          if _is_wrapper(proc.pid) else proc.pid)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-        return {"connections": n, "archives": files, "rss_mb": round(rss, 1), "exit": code}
+        return {"connections": n, "archives": files, "rss_mb": round(rss, 1),
+                "achieved_interval_ms": round((sum1 - sum0) / max(count1 - count0, 1) * 1e3, 1),
+                "polls_per_s": round((count1 - count0) / seconds, 1), "exit": code}
     finally:
         close_connections(holders)
         topo.destroy()
@@ -179,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("daemon", help="resident memory of tcp-info over N idle connections")
     d.add_argument("-n", "--connections", type=int, default=10000)
     d.add_argument("-s", "--seconds", type=float, default=10.0)
+    f = sub.add_parser("filter", help="poll cost with most sockets excluded: userspace vs kernel")
+    f.add_argument("-x", "--excluded", type=int, default=20000)
+    f.add_argument("-n", "--included", type=int, default=1000)
+    f.add_argument("-r", "--rounds", type=int, default=40)
     c = sub.add_parser("csvtool", help="csvtool rows/s in the default schema")
     c.add_argument("-n", "--records", type=int, default=200_000)
     w = sub.add_parser("saver", help="end-to-end records/s: split, encode, compress, write")
@@ -200,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         print(bench_daemon(args.connections, args.seconds))
     if args.what == "poll":
         print_poll(bench_poll(args.connections, args.rounds))
+    if args.what == "filter":
+        print_filter(bench_filter(args.excluded, args.included, args.rounds))
     return 0
 
 
