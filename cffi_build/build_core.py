@@ -27,7 +27,9 @@ ffibuilder.set_source(
     sources=[str((HERE / "tcpinfo_core.c").relative_to(Path.cwd()))
              if HERE.is_relative_to(Path.cwd()) else str(HERE / "tcpinfo_core.c")],
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",
+                        "-Wno-unused-parameter"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

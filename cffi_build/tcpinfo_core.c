@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,7 @@
 #define SKNLGRP_INET_TCP_DESTROY 1
 #define SKNLGRP_INET6_TCP_DESTROY 3
 #define CLOSED_KEEP_NS (60 * 1000000000LL)  /* how long a late destroy is recognised */
+#define MAX_THREADS 16
 
 /* ---- snapshot table: open addressing keyed by cookie -------------------- */
 
@@ -85,16 +87,40 @@ struct recvec {
     uint32_t n, cap;
 };
 
-struct tcpi_core {
+struct tcpi_core;
+
+/* One netlink socket and what it asks for.  A poll dumps with one per thread: the
+ * poll thread's (dumpers[0]) and those of its helpers, each with a bytecode
+ * program that selects its share of the sockets. */
+struct dumper {
     int fd;
     uint32_t port_id;
     uint32_t seq;
-    uint8_t *buf;
+    uint8_t *buf;             /* receive buffer */
     uint32_t buf_size;
+    uint8_t *bytecode;        /* INET_DIAG_REQ_BYTECODE, allocated aligned; NULL: none */
+    uint32_t bytecode_len;
+    /* Helpers only: their replies, kept for the poll thread, which alone owns the
+     * snapshot table; [0] is the AF_INET6 dump, [1] the AF_INET one. */
+    struct arena store[2];    /* recv chunks, each preceded by its uint32_t length */
+    uint32_t store_seq[2];    /* the request each stored reply answers */
+    struct tcpi_family_stats st[2];
+    int ok[2];
+    pthread_t thread;
+    uint32_t job_seen;        /* the poll job before the thread started */
+    struct tcpi_core *core;
+};
+
+struct tcpi_core {
+    struct dumper *dumpers;
+    uint32_t n_dumpers;
+    pthread_mutex_t mu;       /* guards job, finished, quit */
+    pthread_cond_t go, done;
+    uint32_t job, finished;
+    int quit;
+    uint32_t recv_size;
     uint8_t ext;
     uint32_t states;
-    uint8_t *bytecode;
-    uint32_t bytecode_len;
     uint32_t epoch;
     int exclude_local;
     uint8_t srcport[65536 / 8];
@@ -436,7 +462,7 @@ static int filtered_out(const struct tcpi_core *c, const uint8_t *idm)
 
 /* ---- netlink ------------------------------------------------------------- */
 
-static int open_socket(struct tcpi_core *c)
+static int open_socket(struct dumper *d)
 {
     int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (fd < 0)
@@ -453,21 +479,21 @@ static int open_socket(struct tcpi_core *c)
         errno = e;
         return -1;
     }
-    c->fd = fd;
-    c->port_id = sa.nl_pid;
+    d->fd = fd;
+    d->port_id = sa.nl_pid;
     return 0;
 }
 
 /* After a failed dump the socket may still hold the rest of it; start afresh
  * rather than parse stale replies. */
-static void reset_socket(struct tcpi_core *c)
+static void reset_socket(struct dumper *d)
 {
-    close(c->fd);
-    c->fd = -1;
-    open_socket(c);
+    close(d->fd);
+    d->fd = -1;
+    open_socket(d);
 }
 
-static int send_request(struct tcpi_core *c, uint8_t family, uint32_t states)
+static int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t states)
 {
     struct {
         struct nlmsghdr nh;
@@ -479,39 +505,39 @@ static int send_request(struct tcpi_core *c, uint8_t family, uint32_t states)
     msg.nh.nlmsg_len = (uint32_t)head;
     msg.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
     msg.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-    msg.nh.nlmsg_seq = ++c->seq;
+    msg.nh.nlmsg_seq = ++d->seq;
     msg.req.sdiag_family = family;
     msg.req.sdiag_protocol = IPPROTO_TCP;
-    msg.req.idiag_ext = c->ext;
+    msg.req.idiag_ext = ext;
     msg.req.idiag_states = states;
-    struct iovec iov[3] = {{&msg, head}, {&msg.bc, 0}, {c->bytecode, 0}};
-    if (c->bytecode_len) {
+    struct iovec iov[3] = {{&msg, head}, {&msg.bc, 0}, {d->bytecode, 0}};
+    if (d->bytecode_len) {
         msg.bc.nla_type = INET_DIAG_REQ_BYTECODE;
-        msg.bc.nla_len = (uint16_t)(NLA_HDRLEN + c->bytecode_len);
-        msg.nh.nlmsg_len += NLA_HDRLEN + NLA_ALIGN(c->bytecode_len);
+        msg.bc.nla_len = (uint16_t)(NLA_HDRLEN + d->bytecode_len);
+        msg.nh.nlmsg_len += NLA_HDRLEN + NLA_ALIGN(d->bytecode_len);
         iov[1].iov_len = NLA_HDRLEN;
-        iov[2].iov_len = NLA_ALIGN(c->bytecode_len);  /* buffer is allocated aligned */
+        iov[2].iov_len = NLA_ALIGN(d->bytecode_len);  /* buffer is allocated aligned */
     }
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
     struct msghdr mh = {.msg_name = &kernel, .msg_namelen = sizeof(kernel), .msg_iov = iov,
                         .msg_iovlen = 3};
-    if (c->fd < 0 && open_socket(c) < 0)
+    if (d->fd < 0 && open_socket(d) < 0)
         return -1;
     ssize_t r;
     do
-        r = sendmsg(c->fd, &mh, 0);
+        r = sendmsg(d->fd, &mh, 0);
     while (r < 0 && errno == EINTR);
     return r == (ssize_t)msg.nh.nlmsg_len ? 0 : -1;
 }
 
-static ssize_t recv_some(struct tcpi_core *c, int *truncated)
+static ssize_t recv_some(struct dumper *d, int *truncated)
 {
-    struct iovec iov = {c->buf, c->buf_size};
+    struct iovec iov = {d->buf, d->buf_size};
     struct sockaddr_nl sa;
     struct msghdr mh = {.msg_name = &sa, .msg_namelen = sizeof(sa), .msg_iov = &iov, .msg_iovlen = 1};
     ssize_t n;
     do
-        n = recvmsg(c->fd, &mh, 0);
+        n = recvmsg(d->fd, &mh, 0);
     while (n < 0 && errno == EINTR);
     *truncated = n >= 0 && (mh.msg_flags & MSG_TRUNC);
     return n;
@@ -599,10 +625,17 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     return 0;
 }
 
+/* What a dump does with each socket's message. */
+enum walk_mode {
+    PROCESS,   /* filter, diff and report it (the poll thread only) */
+    COUNT,     /* count it: the benchmark's bare loop */
+    STORE      /* nothing yet: a helper keeps the whole reply for the poll thread */
+};
+
 /* Walks the netlink messages of one recv.  Returns 1 when the dump is done,
  * 0 to keep reading, -1 on failure (st->status set). */
-static int walk(struct tcpi_core *c, const uint8_t *b, uint32_t n, struct tcpi_family_stats *st,
-                int count_only, int64_t *count)
+static int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b, uint32_t n,
+                struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count)
 {
     uint32_t pos = 0;
     while (pos + sizeof(struct nlmsghdr) <= n) {
@@ -611,11 +644,11 @@ static int walk(struct tcpi_core *c, const uint8_t *b, uint32_t n, struct tcpi_f
             st->status = TCPI_E_TRUNCATED;
             return -1;
         }
-        if (h->nlmsg_seq != c->seq) {
+        if (h->nlmsg_seq != seq) {
             st->status = TCPI_E_SEQ;
             return -1;
         }
-        if (h->nlmsg_pid != c->port_id) {
+        if (h->nlmsg_pid != port_id) {
             st->status = TCPI_E_PID;
             return -1;
         }
@@ -638,9 +671,11 @@ static int walk(struct tcpi_core *c, const uint8_t *b, uint32_t n, struct tcpi_f
             st->errno_value = -code;
             return -1;
         }
-        if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) {
+        if (mode == STORE) {
+            /* counted when the poll thread processes the stored reply */
+        } else if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) {
             st->bad++;
-        } else if (count_only) {
+        } else if (mode == COUNT) {
             (*count)++;
         } else if (on_socket(c, payload, plen, st) < 0) {
             st->status = TCPI_E_NOMEM;
@@ -653,28 +688,50 @@ static int walk(struct tcpi_core *c, const uint8_t *b, uint32_t n, struct tcpi_f
     return 0;
 }
 
-static int dump(struct tcpi_core *c, uint8_t family, uint32_t states,
-                struct tcpi_family_stats *st, int count_only, int64_t *count)
+static int store_chunk(struct arena *a, const uint8_t *p, uint32_t n)
+{
+    uint32_t off;
+    return arena_put(a, (const uint8_t *)&n, sizeof(n), &off) < 0 || arena_put(a, p, n, &off) < 0
+               ? -1 : 0;
+}
+
+/* Stamps the records reported since `first` with the end of their family's dump,
+ * as upstream stamps a family's records. */
+static void stamp(struct tcpi_core *c, uint32_t first, int64_t realtime_ns)
+{
+    for (uint32_t i = first; i < c->changed.n; i++)
+        c->changed.v[i].realtime_ns = realtime_ns;
+}
+
+static int dump(struct tcpi_core *c, struct dumper *d, uint8_t family, uint32_t states,
+                struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count)
 {
     int64_t t0 = now_ns(CLOCK_MONOTONIC);
-    uint32_t first = c->changed.n;
+    uint32_t first = mode == PROCESS ? c->changed.n : 0;
+    struct arena *store = &d->store[family == AF_INET6 ? 0 : 1];
     int rc = -1;
     memset(st, 0, sizeof(*st));
-    if (send_request(c, family, states) < 0) {
+    store->len = 0;
+    if (send_request(d, c->ext, family, states) < 0) {
         st->status = TCPI_E_SYSCALL;
         st->errno_value = errno;
         goto out;
     }
     for (;;) {
         int trunc;
-        ssize_t n = recv_some(c, &trunc);
+        ssize_t n = recv_some(d, &trunc);
         if (n < 0 || trunc) {
             st->status = n < 0 ? TCPI_E_SYSCALL : TCPI_E_TRUNCATED;
             st->errno_value = n < 0 ? errno : EMSGSIZE;
             break;
         }
         st->recvs++;
-        int w = walk(c, c->buf, (uint32_t)n, st, count_only, count);
+        int w = walk(c, d->seq, d->port_id, d->buf, (uint32_t)n, st, mode, count);
+        d->store_seq[family == AF_INET6 ? 0 : 1] = d->seq;
+        if (w >= 0 && mode == STORE && store_chunk(store, d->buf, (uint32_t)n) < 0) {
+            st->status = TCPI_E_NOMEM;
+            w = -1;
+        }
         if (w != 0) {
             rc = w > 0 ? 0 : -1;
             break;
@@ -682,13 +739,115 @@ static int dump(struct tcpi_core *c, uint8_t family, uint32_t states,
     }
 out:
     if (rc < 0)
-        reset_socket(c);
+        reset_socket(d);
     st->end_realtime_ns = now_ns(CLOCK_REALTIME);
     st->duration_ns = now_ns(CLOCK_MONOTONIC) - t0;
-    /* Upstream stamps a family's records with the time its dump finished. */
-    for (uint32_t i = first; i < c->changed.n; i++)
-        c->changed.v[i].realtime_ns = st->end_realtime_ns;
+    if (mode == PROCESS)
+        stamp(c, first, st->end_realtime_ns);
     return rc;
+}
+
+/* ---- dump threads ------------------------------------------------------------ */
+
+static const uint8_t FAMILIES[2] = {AF_INET6, AF_INET};
+
+static void *helper_main(void *arg)
+{
+    struct dumper *d = arg;
+    struct tcpi_core *c = d->core;
+    uint32_t seen = d->job_seen;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        while (c->job == seen && !c->quit)
+            pthread_cond_wait(&c->go, &c->mu);
+        if (c->quit)
+            break;
+        seen = c->job;
+        pthread_mutex_unlock(&c->mu);
+        for (int f = 0; f < 2; f++)
+            d->ok[f] = dump(c, d, FAMILIES[f], c->states, &d->st[f], STORE, NULL) == 0;
+        pthread_mutex_lock(&c->mu);
+        c->finished++;
+        pthread_cond_signal(&c->done);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+/* Diffs a helper's stored reply as if it had been received here. */
+static void process_store(struct tcpi_core *c, struct dumper *d, int f,
+                          struct tcpi_family_stats *st)
+{
+    uint32_t first = c->changed.n, pos = 0;
+    const struct arena *a = &d->store[f];
+    while (pos + sizeof(uint32_t) <= a->len) {
+        uint32_t n;
+        memcpy(&n, a->data + pos, sizeof(n));
+        pos += sizeof(n);
+        if (walk(c, d->store_seq[f], d->port_id, a->data + pos, n, st, PROCESS, NULL) < 0) {
+            d->ok[f] = 0;
+            break;
+        }
+        pos += n;
+    }
+    stamp(c, first, st->end_realtime_ns);
+}
+
+/* A family's stats over all threads: counts add up, the first failure and the
+ * latest end stand, and the duration is the longest thread's. */
+static void merge_stats(struct tcpi_family_stats *into, const struct tcpi_family_stats *from)
+{
+    into->messages += from->messages;
+    into->excluded += from->excluded;
+    into->bad += from->bad;
+    into->recvs += from->recvs;
+    if (!into->status && from->status) {
+        into->status = from->status;
+        into->errno_value = from->errno_value;
+    }
+    into->interrupted |= from->interrupted;
+    if (from->end_realtime_ns > into->end_realtime_ns)
+        into->end_realtime_ns = from->end_realtime_ns;
+    if (from->duration_ns > into->duration_ns)
+        into->duration_ns = from->duration_ns;
+}
+
+static int dumper_init(struct tcpi_core *c, struct dumper *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->fd = -1;
+    d->core = c;
+    d->buf_size = c->recv_size;
+    d->buf = malloc(d->buf_size);
+    if (!d->buf) {
+        errno = ENOMEM;
+        return -1;
+    }
+    return open_socket(d);
+}
+
+static void dumper_free(struct dumper *d)
+{
+    if (d->fd >= 0)
+        close(d->fd);
+    free(d->buf);
+    free(d->bytecode);
+    free(d->store[0].data);
+    free(d->store[1].data);
+}
+
+static void stop_helpers(struct tcpi_core *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->quit = 1;
+    pthread_cond_broadcast(&c->go);
+    pthread_mutex_unlock(&c->mu);
+    for (uint32_t i = 1; i < c->n_dumpers; i++) {
+        pthread_join(c->dumpers[i].thread, NULL);
+        dumper_free(&c->dumpers[i]);
+    }
+    c->quit = 0;
+    c->n_dumpers = c->n_dumpers ? 1 : 0;
 }
 
 /* ---- destroy notifications ------------------------------------------------ */
@@ -746,7 +905,8 @@ static void drain_destroyed(struct tcpi_core *c)
     struct tcpi_destroy_stats *st = &c->result.destroy;
     for (;;) {
         struct sockaddr_nl sa;
-        struct iovec iov = {c->buf, c->buf_size};
+        struct dumper *d = &c->dumpers[0];   /* its buffer is free between dumps */
+        struct iovec iov = {d->buf, d->buf_size};
         struct msghdr mh = {.msg_name = &sa, .msg_namelen = sizeof(sa), .msg_iov = &iov,
                             .msg_iovlen = 1};
         ssize_t n = recvmsg(c->dfd, &mh, MSG_DONTWAIT);
@@ -767,7 +927,7 @@ static void drain_destroyed(struct tcpi_core *c)
         }
         int64_t now_real = now_ns(CLOCK_REALTIME);
         for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) <= (uint32_t)n;) {
-            const struct nlmsghdr *h = (const struct nlmsghdr *)(c->buf + pos);
+            const struct nlmsghdr *h = (const struct nlmsghdr *)(d->buf + pos);
             if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > (uint32_t)n - pos) {
                 st->bad++;
                 break;
@@ -857,15 +1017,23 @@ struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
         *err = ENOMEM;
         return NULL;
     }
-    c->buf_size = recv_size < MIN_RECV ? MIN_RECV : recv_size;
-    c->buf = malloc(c->buf_size);
+    c->recv_size = recv_size < MIN_RECV ? MIN_RECV : recv_size;
     c->ext = 0xFF;
     c->states = 0x0F37;
     c->exclude_local = 1;
-    c->fd = -1;
     c->dfd = -1;
-    if (!c->buf || table_grow(&c->tbl) < 0 || open_socket(c) < 0) {
-        *err = c->buf ? errno : ENOMEM;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->go, NULL);
+    pthread_cond_init(&c->done, NULL);
+    c->dumpers = calloc(1, sizeof(*c->dumpers));
+    if (!c->dumpers || table_grow(&c->tbl) < 0) {
+        *err = ENOMEM;
+        tcpi_core_free(c);
+        return NULL;
+    }
+    c->n_dumpers = 1;
+    if (dumper_init(c, &c->dumpers[0]) < 0) {
+        *err = errno;
         tcpi_core_free(c);
         return NULL;
     }
@@ -876,17 +1044,22 @@ void tcpi_core_free(struct tcpi_core *c)
 {
     if (!c)
         return;
-    if (c->fd >= 0)
-        close(c->fd);
+    if (c->dumpers) {
+        stop_helpers(c);
+        if (c->n_dumpers)
+            dumper_free(&c->dumpers[0]);
+        free(c->dumpers);
+    }
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->go);
+    pthread_cond_destroy(&c->done);
     if (c->dfd >= 0)
         close(c->dfd);
     for (uint32_t i = 0; i < c->tbl.cap; i++)
         free(c->tbl.slots[i].data);
     free(c->tbl.slots);
-    free(c->buf);
     free(c->dstip);
     free(c->incl_net);
-    free(c->bytecode);
     free(c->arena.data);
     free(c->changed.v);
     free(c->gone.v);
@@ -900,10 +1073,11 @@ void tcpi_set_request(struct tcpi_core *c, uint8_t ext, uint32_t states)
     c->states = states;
 }
 
-int tcpi_set_bytecode(struct tcpi_core *c, const uint8_t *bc, uint32_t len)
+int tcpi_set_bytecode(struct tcpi_core *c, uint32_t thread, const uint8_t *bc, uint32_t len)
 {
-    if (len > 65535 - NLA_HDRLEN)
+    if (thread >= c->n_dumpers || len > 65535 - NLA_HDRLEN)
         return -1;
+    struct dumper *d = &c->dumpers[thread];
     uint8_t *copy = NULL;
     if (len) {
         copy = calloc(1, NLA_ALIGN(len));
@@ -911,10 +1085,53 @@ int tcpi_set_bytecode(struct tcpi_core *c, const uint8_t *bc, uint32_t len)
             return -1;
         memcpy(copy, bc, len);
     }
-    free(c->bytecode);
-    c->bytecode = copy;
-    c->bytecode_len = len;
+    free(d->bytecode);
+    d->bytecode = copy;
+    d->bytecode_len = len;
     return 0;
+}
+
+int tcpi_set_threads(struct tcpi_core *c, uint32_t n, int *err)
+{
+    if (n < 1 || n > MAX_THREADS) {
+        *err = EINVAL;
+        return -1;
+    }
+    stop_helpers(c);
+    struct dumper *v = realloc(c->dumpers, n * sizeof(*v));
+    if (!v) {
+        *err = ENOMEM;
+        return -1;
+    }
+    c->dumpers = v;
+    for (uint32_t i = 1; i < n; i++) {
+        struct dumper *d = &c->dumpers[i];
+        int rc = dumper_init(c, d);
+        d->job_seen = c->job;   /* polls only run on this thread: no lock needed */
+        if (rc == 0 && (rc = pthread_create(&d->thread, NULL, helper_main, d)) != 0)
+            errno = rc;
+        if (rc != 0) {
+            *err = errno;
+            dumper_free(d);
+            stop_helpers(c);
+            return -1;
+        }
+        c->n_dumpers = i + 1;
+    }
+    return 0;
+}
+
+void tcpi_port_histogram(struct tcpi_core *c, uint32_t *local, uint32_t *remote)
+{
+    memset(local, 0, 256 * sizeof(*local));
+    memset(remote, 0, 256 * sizeof(*remote));
+    for (uint32_t i = 0; i < c->tbl.cap; i++) {
+        const struct entry *e = &c->tbl.slots[i];
+        if (e->used && e->fate == LIVE && e->len >= IDM_LEN) {
+            local[e->data[4]]++;   /* the high byte of the big-endian port */
+            remote[e->data[6]]++;
+        }
+    }
 }
 
 void tcpi_exclude_local(struct tcpi_core *c, int on) { c->exclude_local = on; }
@@ -982,9 +1199,33 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
     memset(&r->inet6, 0, sizeof(r->inet6));
     memset(&r->inet, 0, sizeof(r->inet));
     drain_destroyed(c);
-    int ok6 = dump(c, AF_INET6, c->states, &r->inet6, 0, NULL) == 0;
+    if (c->n_dumpers > 1) {
+        pthread_mutex_lock(&c->mu);
+        c->job++;
+        c->finished = 0;
+        pthread_cond_broadcast(&c->go);
+        pthread_mutex_unlock(&c->mu);
+    }
+    struct dumper *d0 = &c->dumpers[0];
+    int ok6 = dump(c, d0, AF_INET6, c->states, &r->inet6, PROCESS, NULL) == 0;
     drain_destroyed(c);
-    int ok4 = dump(c, AF_INET, c->states, &r->inet, 0, NULL) == 0;
+    int ok4 = dump(c, d0, AF_INET, c->states, &r->inet, PROCESS, NULL) == 0;
+    if (c->n_dumpers > 1) {
+        pthread_mutex_lock(&c->mu);
+        while (c->finished < c->n_dumpers - 1)
+            pthread_cond_wait(&c->done, &c->mu);
+        pthread_mutex_unlock(&c->mu);
+        for (uint32_t i = 1; i < c->n_dumpers; i++) {
+            struct dumper *d = &c->dumpers[i];
+            for (int f = 0; f < 2; f++)
+                if (d->ok[f])
+                    process_store(c, d, f, &d->st[f]);
+            merge_stats(&r->inet6, &d->st[0]);
+            merge_stats(&r->inet, &d->st[1]);
+            ok6 = ok6 && d->ok[0];
+            ok4 = ok4 && d->ok[1];
+        }
+    }
     drain_destroyed(c);
     sweep(c, ok6, ok4, now_ns(CLOCK_REALTIME));
     publish(c, out);
@@ -1039,11 +1280,13 @@ uint32_t tcpi_destroy_rcvbuf(struct tcpi_core *c)
     return (uint32_t)size;
 }
 
-int tcpi_check_bytecode(struct tcpi_core *c)
+int tcpi_check_bytecode(struct tcpi_core *c, uint32_t thread)
 {
     struct tcpi_family_stats st;
     int64_t count = 0;
-    if (dump(c, AF_INET, 0, &st, 1, &count) == 0)
+    if (thread >= c->n_dumpers)
+        return EINVAL;
+    if (dump(c, &c->dumpers[thread], AF_INET, 0, &st, COUNT, &count) == 0)
         return 0;
     return st.errno_value ? st.errno_value : EPROTO;
 }
@@ -1141,7 +1384,7 @@ int64_t tcpi_count_dump(struct tcpi_core *c, uint8_t family, int *err)
 {
     struct tcpi_family_stats st;
     int64_t count = 0;
-    if (dump(c, family, c->states, &st, 1, &count) < 0) {
+    if (dump(c, &c->dumpers[0], family, c->states, &st, COUNT, &count) < 0) {
         *err = st.errno_value ? st.errno_value : EPROTO;
         return -1;
     }

@@ -75,6 +75,10 @@ def run(config: flags.Config) -> int:
                 log.info("The kernel filters sockets with a %d-byte inet_diag program",
                          poller.bytecode_size)
             metrics.KERNEL_FILTER.set(poller.bytecode_size)
+        if config.dump_threads > 1:
+            refusal = poller.set_threads(config.dump_threads)
+            if refusal:
+                log.warning("Dumping on one thread: %s", refusal)
         if config.destroy_events:
             poller.listen_destroyed()
             log.info("Listening for destroy notifications (receive buffer %d bytes)",

@@ -59,6 +59,7 @@ class Config:
     kernel_filter: bool = True
     destroy_events: bool = True
     cpu_budget: float = 0.0
+    dump_threads: int = 1
     # For the startup log: "name=value" of every flag, and where a value came from.
     arguments: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -190,6 +191,14 @@ def parse_cpu_budget(text: str) -> float:
                          f"as 0.25 or 25%") from None
     if not 0 <= value <= 64 or value != value:
         raise ValueError(f"CPU budget {text!r} must be between 0 (none) and 64 CPUs")
+    return value
+
+
+def parse_threads(text: str) -> int:
+    """How many threads dump sockets in parallel: 1 to 16."""
+    value = parse_go_int(text)
+    if not 1 <= value <= 16:
+        raise ValueError(f"dump threads {text!r} must be between 1 and 16")
     return value
 
 
@@ -339,6 +348,10 @@ FLAGS: tuple[Flag, ...] = (
          "Subscribe to the kernel's TCP destroy notifications: each connection's final tcp_info "
          "ends its archive, its Close is sent at once, and connections shorter than a poll are "
          "recorded. false: upstream's poll-only behaviour.", kind="bool"),
+    Flag("dump-threads", "dump_threads", parse_threads,
+         "Threads that dump sockets in parallel, each a share of the ports: a poll takes about "
+         "1/n of the kernel's time but a little more CPU in all. Keep it at most the number of "
+         "CPUs.", metavar="int"),
     Flag("cpu-budget", "cpu_budget", parse_cpu_budget,
          "Most CPU the collector may use, as a share of one CPU (0.25 or 25%); polls are spaced "
          "further apart than -poll-interval when they cost more. 0: no budget.",

@@ -7,13 +7,17 @@ costs the interpreter nothing per socket.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from tcpinfo._native import ffi, lib
-from tcpinfo.sockfilter import Filter, compile_filter
+from tcpinfo.sockfilter import Filter, compile_filter, share_programs
+
+log = logging.getLogger(__name__)
 
 # Upstream's request (UPSTREAM.md 2.3): all eight extension bits, every state but
 # SYN_RECV, TIME_WAIT and CLOSE.
@@ -25,6 +29,7 @@ CHANGE_NAMES = ("NoMajorChange", "IDiagStateChange", "NoTCPInfo", "NewAttribute"
                 "LostAttribute", "AttributeLength", "StateOrCounterChange",
                 "PacketCountChange", "PreviousWasNil", "Other")
 PREVIOUS_WAS_NIL = 8
+REBALANCE_NS = 2_000_000_000   # how often dump threads' shares follow the connections
 FINAL = 10   # from a destroy notification: the last tcp_info of a connection polls had seen
 SHORT = 11   # from a destroy notification: a connection that lived between two polls
 
@@ -113,7 +118,11 @@ def compare(current: bytes, previous: bytes) -> int:
 
 
 class Poller:
-    """A netlink sock_diag socket kept open across polls, and the C snapshot table."""
+    """Netlink sock_diag sockets kept open across polls, and the C snapshot table.
+
+    Bytecode programs go to the kernel with every dump: the filter, if the kernel takes it,
+    and with several dump threads each thread's share of the ports.
+    """
 
     def __init__(self, sockets: Filter | None = None, recv_size: int = 65536,
                  ext: int = DEFAULT_EXT, states: int = DEFAULT_STATES) -> None:
@@ -125,7 +134,10 @@ class Poller:
         self._out = ffi.new("struct tcpi_poll_result **")
         lib.tcpi_set_request(self._core, ext, states)
         self.destroy_fd = -1
-        self.bytecode_size = 0
+        self.threads = 1
+        self._kernel_filter = b""        # the filter program the kernel accepted
+        self._programs: list[bytes] = [b""]   # what each dump thread sends now
+        self._rebalance_at = 0
         self.set_filter(sockets or Filter())
 
     def set_filter(self, f: Filter) -> None:
@@ -146,22 +158,29 @@ class Poller:
         for first, last in f.include_ports:
             lib.tcpi_include_ports(core, first, last)
 
-    def set_bytecode(self, program: bytes) -> None:
-        """Attaches an inet_diag bytecode filter to every dump (b"" removes it).
+    @property
+    def bytecode_size(self) -> int:
+        """Size of the filter program the kernel runs (0: filtering is userspace only)."""
+        return len(self._kernel_filter)
+
+    def set_bytecode(self, program: bytes, thread: int = 0) -> None:
+        """Attaches an inet_diag bytecode program to one dump thread's requests (b"" removes it).
 
         The kernel audits it per dump; a rejected program makes the dumps fail with
-        NLMSG_ERROR (EINVAL), which `poll` reports in the family stats.
+        NLMSG_ERROR (EINVAL), which `poll` reports in the family stats.  `filter_in_kernel`
+        and `set_threads` manage the programs; this is the raw access.
         """
-        if lib.tcpi_set_bytecode(self._core, program, len(program)) != 0:
-            raise ValueError(f"bytecode of {len(program)} bytes is too long or memory ran out")
-        self.bytecode_size = len(program)
+        if lib.tcpi_set_bytecode(self._core, thread, program, len(program)) != 0:
+            raise ValueError(f"bytecode of {len(program)} bytes is too long, thread {thread} "
+                             "does not exist, or memory ran out")
+        self._programs = []   # no longer what _install sent
 
-    def check_bytecode(self) -> int:
-        """0 if the kernel accepts the attached program, else the errno it rejects it with.
+    def check_bytecode(self, thread: int = 0) -> int:
+        """0 if the kernel accepts a thread's program, else the errno it rejects it with.
 
         Costs one dump that selects no state, so no socket is walked.
         """
-        return lib.tcpi_check_bytecode(self._core)
+        return lib.tcpi_check_bytecode(self._core, thread)
 
     def filter_in_kernel(self, sockets: Filter) -> str | None:
         """Has the kernel apply `sockets` while it dumps; returns None, or why it cannot.
@@ -170,16 +189,61 @@ class Poller:
         one the kernel's audit rejects) costs speed, never correctness.
         """
         try:
-            program = compile_filter(sockets)
+            self._kernel_filter = compile_filter(sockets)
         except ValueError as err:
+            self._kernel_filter = b""
             return str(err)
-        self.set_bytecode(program)
-        errno_value = self.check_bytecode() if program else 0
-        if errno_value:
-            self.set_bytecode(b"")
-            return (f"the kernel rejected the {len(program)}-byte inet_diag filter "
-                    f"({os.strerror(errno_value)})")
+        refusal = self._install()
+        if refusal:
+            self._kernel_filter = b""
+            self._install()
+        return refusal
+
+    def set_threads(self, n: int) -> str | None:
+        """Dumps with n threads, each serializing a share of the ports; returns None, or why not.
+
+        A poll then takes about 1/n of the kernel's time (plus the diff, which stays on the
+        polling thread).  If the kernel refuses the share programs, polling stays on one thread.
+        """
+        err = ffi.new("int *")
+        if lib.tcpi_set_threads(self._core, n, err) != 0:
+            raise OSError(err[0], f"cannot start {n} dump threads: {os.strerror(err[0])}")
+        self.threads = n
+        refusal = self._install()
+        if refusal:
+            lib.tcpi_set_threads(self._core, 1, err)
+            self.threads = 1
+            self._install()
+        return refusal
+
+    def _install(self) -> str | None:
+        """Sends each dump thread its program: the kernel filter within the thread's share."""
+        local = remote = ()
+        if self.threads > 1:
+            local, remote = ffi.new("uint32_t[256]"), ffi.new("uint32_t[256]")
+            lib.tcpi_port_histogram(self._core, local, remote)
+        programs = share_programs(self._kernel_filter, self.threads, local, remote)
+        if programs == self._programs:
+            return None
+        for thread, program in enumerate(programs):
+            self.set_bytecode(program, thread)
+            errno_value = self.check_bytecode(thread) if program else 0
+            if errno_value:
+                return (f"the kernel rejected a {len(program)}-byte inet_diag program "
+                        f"({os.strerror(errno_value)})")
+        self._programs = programs
         return None
+
+    def _rebalance(self) -> None:
+        """Every few seconds, moves the threads' share boundaries to where the connections are."""
+        now = time.monotonic_ns()
+        if now < self._rebalance_at:
+            return
+        self._rebalance_at = now + REBALANCE_NS
+        refusal = self._install()
+        if refusal:
+            log.warning("Dumping on one thread from now on: %s", refusal)
+            self.set_threads(1)
 
     def listen_destroyed(self, rcvbuf: int = 8 << 20, grace_ns: int = 1_000_000_000) -> int:
         """Subscribes to the kernel's TCP destroy notifications; returns the fd to wait on.
@@ -202,6 +266,8 @@ class Poller:
 
     def poll(self) -> PollResult:
         """Dumps IPv6 then IPv4 sockets; returns only new, changed, vanished and destroyed ones."""
+        if self.threads > 1:
+            self._rebalance()
         lib.tcpi_poll(self._core, self._out)
         return self._result()
 

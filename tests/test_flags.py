@@ -71,6 +71,7 @@ def test_reps_parses_like_go_base_zero(text, value):
     (["-cpu-budget=lots"], "cannot convert CPU budget 'lots'"),
     (["-cpu-budget=-0.5"], "must be between 0 .none. and 64 CPUs"),
     (["-destroy-events=maybe"], "invalid value 'maybe' for flag -destroy-events"),
+    (["-dump-threads=0"], "dump threads '0' must be between 1 and 16"),
     (["-uuid-prefix-file=/nonexistent/prefix"], "No such file or directory"),
     (["-nosuch"], "flag provided but not defined: -nosuch"),
     (["-reps"], "flag needs an argument: -reps"),
