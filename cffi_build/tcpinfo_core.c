@@ -609,8 +609,13 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     e->epoch = c->epoch;
     e->since_ns = 0;
     e->family = p[0];
-    /* Keep the latest copy even when unchanged: the vanished report then carries
-     * the last counters seen (for example bytes_sent, which Compare ignores). */
+    /* An unchanged message equals the stored copy in every byte Compare reads, so
+     * the copy is only renewed on a change: comparing with it is comparing with the
+     * previous poll's message, as upstream does.  What it misses in between are
+     * timers and counters that move only with compared ones (bytes_sent moves with
+     * segs_out), so the vanished report still carries the last counters. */
+    if (kind == TCPI_NO_CHANGE)
+        return 0;
     if (n > e->cap) {
         uint8_t *nd = realloc(e->data, n);
         if (!nd)
@@ -620,9 +625,7 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     }
     memcpy(e->data, p, n);
     e->len = n;
-    if (kind != TCPI_NO_CHANGE)
-        return report(c, &c->changed, p, n, cookie, p[0], kind, 0);  /* time: see dump() */
-    return 0;
+    return report(c, &c->changed, p, n, cookie, p[0], kind, 0);  /* time: see dump() */
 }
 
 /* What a dump does with each socket's message. */
@@ -632,12 +635,39 @@ enum walk_mode {
     STORE      /* nothing yet: a helper keeps the whole reply for the poll thread */
 };
 
+/* Before a recv's messages are diffed, asks the memory system for what they will
+ * touch: first every cookie's table slot, then each known socket's stored copy.
+ * The misses then overlap instead of stalling the diff one socket at a time. */
+static void prefetch(struct tcpi_core *c, const uint8_t *b, uint32_t n)
+{
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) + IDM_LEN <= n;) {
+            const struct nlmsghdr *h = (const struct nlmsghdr *)(b + pos);
+            if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > n - pos)
+                break;
+            if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY && h->nlmsg_len >= sizeof(*h) + IDM_LEN) {
+                uint64_t cookie = cookie_of((const uint8_t *)(h + 1));
+                if (pass == 0) {
+                    __builtin_prefetch(&c->tbl.slots[slot_of(&c->tbl, cookie)]);
+                } else {
+                    const struct entry *e = table_find(&c->tbl, cookie);
+                    for (uint32_t off = 0; e->used && off < e->len; off += 64)
+                        __builtin_prefetch(e->data + off);
+                }
+            }
+            pos += NLMSG_ALIGN(h->nlmsg_len);
+        }
+    }
+}
+
 /* Walks the netlink messages of one recv.  Returns 1 when the dump is done,
  * 0 to keep reading, -1 on failure (st->status set). */
 static int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b, uint32_t n,
                 struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count)
 {
     uint32_t pos = 0;
+    if (mode == PROCESS)
+        prefetch(c, b, n);
     while (pos + sizeof(struct nlmsghdr) <= n) {
         const struct nlmsghdr *h = (const struct nlmsghdr *)(b + pos);
         if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > n - pos) {
