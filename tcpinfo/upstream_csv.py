@@ -104,6 +104,7 @@ GROUPS: tuple[Group, ...] = (
 )
 """Upstream's attribute columns in row order.  CLASS_ID is a u32 that upstream reads as one byte."""
 _GROUP_OF = {g.type: i for i, g in enumerate(GROUPS)}
+_ABSENT = [g.absent for g in GROUPS]
 
 UPSTREAM_HEADER: list[str] = (
     ["Timestamp", "Observed", "NotFullyParsed", "IDM.Family", "IDM.State", "IDM.Timer", "IDM.Retrans",
@@ -197,7 +198,7 @@ class UpstreamConverter:
         attrs = obj.get("Attributes")
         if attrs is not None and type(attrs) is not list:
             raise ValueError(f"Attributes: expected an array, got {type(attrs).__name__}")
-        columns = [g.absent for g in GROUPS]
+        columns = _ABSENT.copy()
         observed = not_parsed = 0
         for t, text in enumerate(attrs or ()):
             if text is None:
