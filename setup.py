@@ -16,7 +16,7 @@ class BuildCore(build_ext):
             super().run()
         except Exception as exc:  # CompileError, DistutilsExecError, PlatformError...
             raise SystemExit(
-                "tcpinfo: could not compile its C core (cffi_build/tcpinfo_core.c): "
+                "tcpinfo: could not compile its C core (cffi_build/*.c): "
                 f"{exc}\n"
                 "tcpinfo needs a C compiler and the Python headers: on Debian, "
                 "`apt-get install gcc python3-dev` (or libpython3-dev for your Python)."

@@ -19,13 +19,18 @@ def _cdef_text() -> str:
     return text[start:text.index("/* CDEF-END */")]
 
 
+def _source(name: str) -> str:
+    """A C file's path, relative to the cwd when possible (setuptools wants relative paths)."""
+    path = HERE / name
+    return str(path.relative_to(Path.cwd())) if HERE.is_relative_to(Path.cwd()) else str(path)
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "tcpinfo._native",
     '#include "tcpinfo_core.h"',
-    sources=[str((HERE / "tcpinfo_core.c").relative_to(Path.cwd()))
-             if HERE.is_relative_to(Path.cwd()) else str(HERE / "tcpinfo_core.c")],
+    sources=[_source("tcpinfo_core.c"), _source("tcpinfo_csv.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",
                         "-Wno-unused-parameter"],

@@ -191,6 +191,55 @@ int tcpi_check_bytecode(struct tcpi_core *core, uint32_t thread);
  * *err = errno. */
 int64_t tcpi_count_dump(struct tcpi_core *core, uint8_t family, int *err);
 
+/* ---- csvtool: rows of upstream's CSV (tcpinfo_csv.c) ----------------------
+ * The default schema's per-row loop.  Python (tcpinfo/upstream_csv.py) owns
+ * the column layout, passed in as a schema, and converts every line that C
+ * declines: C only takes the canonical line shape Go writes. */
+
+/* How one attribute prints (the Python reference: upstream_csv._FORMATTERS). */
+enum tcpi_csv_kind {
+    TCPI_CSV_STRUCT = 0,  /* struct members per format, short value zero-padded */
+    TCPI_CSV_U8 = 1,      /* first byte; empty: 0, not fully parsed */
+    TCPI_CSV_MARK = 2,    /* u32 if exactly 4 bytes, else 0, not fully parsed */
+    TCPI_CSV_CONG = 3     /* the name without its last byte (the NUL) */
+};
+
+/* The columns of one attribute type, after the IDM columns, in row order. */
+struct tcpi_csv_group {
+    uint8_t type;         /* INET_DIAG_* attribute printed here */
+    uint8_t kind;         /* enum tcpi_csv_kind */
+    uint16_t size;        /* STRUCT: bytes the format reads */
+    uint16_t go_size;     /* STRUCT: longer values are "not fully parsed" */
+    const char *format;   /* STRUCT: Python struct format of upstream's Go struct */
+    const char *absent;   /* printed when the attribute is missing */
+};
+
+struct tcpi_csv_schema {
+    const struct tcpi_csv_group *groups;
+    uint32_t n_groups;
+    const char *zero_time;     /* a Timestamp equal to this ... */
+    const char *zero_time_as;  /* ... prints as this (upstream's metadata-row date) */
+};
+
+/* Why tcpi_csv_rows returned. */
+enum tcpi_csv_stop {
+    TCPI_CSV_DONE = 0,      /* every line converted */
+    TCPI_CSV_FULL = 1,      /* out has no room for one more row */
+    TCPI_CSV_DECLINED = 2   /* the line at pos is not canonical: Python takes it */
+};
+
+struct tcpi_csv_progress {
+    uint64_t pos;        /* offset in `in` of the first line not converted */
+    uint64_t out_used;   /* bytes of CSV written, whole rows ending in '\n' */
+    uint32_t rows;       /* lines converted = rows written */
+    int32_t stop;        /* enum tcpi_csv_stop */
+};
+
+/* Converts the '\n'-separated lines of in[pos:in_len] into rows in out[0:cap]
+ * until the input ends, out is full or a line is declined. */
+void tcpi_csv_rows(const struct tcpi_csv_schema *schema, const char *in, uint64_t in_len,
+                   uint64_t pos, char *out, uint64_t cap, struct tcpi_csv_progress *progress);
+
 /* CDEF-END */
 
 #endif

@@ -66,46 +66,52 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
         first = stream.read(CHUNK)
 
 
-def iter_blocks(stream: BinaryIO, name: str) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, lines) per decompressed chunk, newlines removed.
+def iter_text(stream: BinaryIO, name: str) -> Iterator[tuple[int, bytes]]:
+    """(number of the first line, whole lines each ending in ``\n``) per decompressed chunk.
 
-    Blocks rather than single lines keep the per-line cost of a Python generator off the hot
-    path.  A final line without a newline still counts, as with Go's bufio.Scanner; a trailing
-    ``\r`` is left in place (JSON treats it as whitespace).
+    Blocks of text rather than single lines keep per-line Python work off the hot path: csvtool
+    hands them to C as they are.  A final line without a newline still counts (one is added), as
+    with Go's bufio.Scanner; a trailing ``\r`` is left in place (JSON treats it as whitespace).
     """
     lineno = 1
     tail = b""
     try:
         for chunk in _chunks(stream):
-            lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
-            tail = lines.pop()
-            if lines:
-                yield lineno, lines
-                lineno += len(lines)
+            end = chunk.rfind(b"\n") + 1
+            if not end:
+                tail += chunk
+                continue
+            text = tail + chunk[:end] if tail else chunk[:end]
+            tail = chunk[end:]
+            yield lineno, text
+            lineno += text.count(b"\n")
     except zstandard.ZstdError as exc:
         raise ArchiveError(name, lineno, f"zstd: {exc}") from None
     except OSError as exc:
         raise ArchiveError(name, lineno, f"read error: {exc.strerror or exc}") from None
     if tail:
-        yield lineno, [tail]
+        yield lineno, tail + b"\n"
 
 
-def read_blocks(path: str) -> Iterator[tuple[int, list[bytes]]]:
-    """Line blocks of one archive; ``-`` is standard input.  A missing file raises ArchiveError."""
+def read_text(path: str) -> Iterator[tuple[int, bytes]]:
+    """Text blocks of one archive (see ``iter_text``); ``-`` is standard input.  A missing file
+    raises ArchiveError."""
     if path == STDIN:
-        yield from iter_blocks(sys.stdin.buffer, "<stdin>")
+        yield from iter_text(sys.stdin.buffer, "<stdin>")
         return
     try:
         stream = open(path, "rb")
     except OSError as exc:
         raise ArchiveError(path, 0, f"cannot open: {exc.strerror or exc}") from None
     with stream:
-        yield from iter_blocks(stream, path)
+        yield from iter_text(stream, path)
 
 
 def read_archive(path: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) for each line of one archive; see ``read_blocks``."""
-    for first, lines in read_blocks(path):
+    """(line number, line without its newline) for each line of one archive."""
+    for first, text in read_text(path):
+        lines = text.split(b"\n")
+        lines.pop()  # the empty string after the last newline
         yield from enumerate(lines, first)
 
 

@@ -50,6 +50,11 @@ def test_no_argument_reads_plain_jsonl_from_stdin_like_upstream() -> None:
     assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
 
 
+def test_final_line_without_newline_is_still_converted() -> None:
+    result = run(stdin=plain(FINWAIT).rstrip(b"\n"))
+    assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
+
+
 def test_dash_reads_stdin_and_detects_zstd() -> None:
     result = run("-", stdin=FINWAIT.read_bytes())
     assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
@@ -126,6 +131,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, int]]:
         "not-json.jsonl": (b"".join(good[:3]) + b"{oops\n" + b"".join(good[3:]), 4),
         "wrong-types.jsonl": (good[0] + b'{"Timestamp":[],"RawIDM":3}\n', 2),
         "attribute-type.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,7]}\n' % idm.encode(), 2),
+        "attribute-list.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,[1]]}\n' % idm.encode(), 2),
         "short-idm.jsonl": (b"".join(good[:5]) + b'{"RawIDM":"AAAA"}\n', 6),
         "empty-cong.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,null,null,null,""]}\n' % idm.encode(), 2),
         "bad-base64.jsonl": (good[0] + b'{"RawIDM":"%s!"}\n' % idm.encode(), 2),
@@ -140,7 +146,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, int]]:
 
 
 @pytest.mark.parametrize("case", ["truncated-zstd.jsonl.zst", "corrupt-frame.jsonl.zst", "not-json.jsonl",
-                                  "wrong-types.jsonl", "attribute-type.jsonl", "short-idm.jsonl",
+                                  "wrong-types.jsonl", "attribute-type.jsonl", "attribute-list.jsonl",
+                                  "short-idm.jsonl",
                                   "empty-cong.jsonl", "bad-base64.jsonl", "empty-record.jsonl",
                                   "missing.jsonl.zst"])
 @pytest.mark.parametrize("schema", ["upstream", "modern"])
