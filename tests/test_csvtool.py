@@ -17,7 +17,9 @@ from test_record import ARCHIVES, TESTDATA
 from tcpinfo.archive import read_archive
 from tcpinfo.bench_csvtool import write_archive
 
-CSVTOOL = shutil.which("csvtool") or pytest.fail("the csvtool console script is not installed")
+# The console script of the Python running the tests (a venv's bin may not be on PATH).
+CSVTOOL = (shutil.which("csvtool", path=str(Path(sys.executable).parent)) or shutil.which("csvtool")
+           or pytest.fail("the csvtool console script is not installed"))
 NDT = TESTDATA / "mlab" / "ndt-7hhhv_1559749627_0000000000062D84.00000.jsonl.zst"
 FINWAIT = TESTDATA / "mlab" / "finwait2-sample_1554836592_unsafe_000000000135A272.00000.jsonl.zst"
 
