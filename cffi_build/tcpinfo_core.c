@@ -17,14 +17,17 @@
 #include "tcpinfo_core.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <netinet/in.h>
 #include <linux/netlink.h>
@@ -128,6 +131,7 @@ struct tcpi_core {
     uint32_t n_dstip, n_incl_net;
     uint8_t incl_port[65536 / 8];
     int any_incl_port;
+    int netns;              /* the network namespace the core was made in, -1 unknown */
     int dfd;                /* destroy listener, -1 if none */
     int64_t grace_ns;
     struct table tbl;
@@ -462,9 +466,44 @@ static int filtered_out(const struct tcpi_core *c, const uint8_t *idm)
 
 /* ---- netlink ------------------------------------------------------------- */
 
+#define THREAD_NETNS "/proc/thread-self/ns/net"
+
+static int in_netns(int ns_fd)
+{
+    struct stat a, b;
+    return fstat(ns_fd, &a) == 0 && stat(THREAD_NETNS, &b) == 0 && a.st_ino == b.st_ino &&
+           a.st_dev == b.st_dev;
+}
+
+/* A NETLINK_SOCK_DIAG socket in the namespace the core was made in, even when the
+ * calling thread has moved since (tests and tools move threads between
+ * namespaces; a socket belongs to the namespace it was created in, forever). */
+static int netns_socket(struct tcpi_core *c, int flags)
+{
+    int home = -1;
+    if (c->netns >= 0 && !in_netns(c->netns)) {
+        home = open(THREAD_NETNS, O_RDONLY | O_CLOEXEC);
+        if (home < 0 || setns(c->netns, CLONE_NEWNET) < 0) {
+            int e = errno;
+            if (home >= 0)
+                close(home);
+            errno = e;
+            return -1;
+        }
+    }
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | flags, NETLINK_SOCK_DIAG);
+    if (home >= 0) {
+        int e = errno;
+        setns(home, CLONE_NEWNET);
+        close(home);
+        errno = e;
+    }
+    return fd;
+}
+
 static int open_socket(struct dumper *d)
 {
-    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    int fd = netns_socket(d->core, 0);
     if (fd < 0)
         return -1;
     struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
@@ -1052,6 +1091,7 @@ struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
     c->states = 0x0F37;
     c->exclude_local = 1;
     c->dfd = -1;
+    c->netns = open(THREAD_NETNS, O_RDONLY | O_CLOEXEC);   /* -1 without /proc: no switching */
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->go, NULL);
     pthread_cond_init(&c->done, NULL);
@@ -1085,6 +1125,8 @@ void tcpi_core_free(struct tcpi_core *c)
     pthread_cond_destroy(&c->done);
     if (c->dfd >= 0)
         close(c->dfd);
+    if (c->netns >= 0)
+        close(c->netns);
     for (uint32_t i = 0; i < c->tbl.cap; i++)
         free(c->tbl.slots[i].data);
     free(c->tbl.slots);
@@ -1278,7 +1320,7 @@ int tcpi_destroy_listen(struct tcpi_core *c, uint32_t rcvbuf, int64_t grace_ns, 
         c->grace_ns = grace_ns;
         return c->dfd;
     }
-    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_SOCK_DIAG);
+    int fd = netns_socket(c, SOCK_NONBLOCK);
     struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
     int groups[] = {SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY};
     if (fd < 0)

@@ -182,3 +182,19 @@ def test_failed_dump_never_reports_its_connections_vanished(testnet):
     recovered = poller.poll()
     assert recovered.inet.error is None
     assert [v.cookie for v in recovered.vanished] == [cookie]
+
+
+def test_sockets_opened_later_stay_in_the_pollers_namespace(testnet):
+    """A failed dump reopens the netlink socket and dump threads open their own, from whatever
+    namespace the calling thread is in by then: they must still see the poller's namespace."""
+    client, _, _ = testnet.connect()
+    poller = poller_in(testnet, testnet.ns_a)   # made in a; everything below runs outside it
+    assert [c.cookie for c in poller.poll().changes] == [cookie_of(client)]
+    poller.set_bytecode(bytes([1, 0, 0, 0]))    # rejected: the dump fails, the socket reopens
+    assert poller.poll().inet.error == "NLMSG_ERROR"
+    poller.set_bytecode(b"")
+    assert poller.set_threads(2) is None
+    for _ in range(2):
+        result = poller.poll()
+        assert result.vanished == [] and result.tracked == 1
+        assert result.inet.messages == 1
