@@ -201,7 +201,7 @@ def _poll_totals(topo: Topology) -> tuple[float, float]:
             values["tcpinfo_polling_interval_histogram_count"])
 
 
-def bench_daemon(n: int, seconds: float) -> dict:
+def bench_daemon(n: int, seconds: float, flags: list[str]) -> dict:
     """Resident memory and achieved poll cadence of the real tcp-info over n idle connections,
     archives on tmpfs."""
     import shutil
@@ -212,7 +212,8 @@ def bench_daemon(n: int, seconds: float) -> dict:
     try:
         holders = open_connections(topo, n)
         proc = topo.popen(topo.ns_b, "tcp-info", "-output", out,
-                          "-prometheusx.listen-address=127.0.0.1:9990", stderr=subprocess.DEVNULL)
+                          "-prometheusx.listen-address=127.0.0.1:9990", *flags,
+                          stderr=subprocess.DEVNULL)
         start = time.monotonic()
         files = 0
         while time.monotonic() - start < seconds + 120 and files < n:
@@ -225,7 +226,7 @@ def bench_daemon(n: int, seconds: float) -> dict:
                          if _is_wrapper(proc.pid) else proc.pid)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-        return {"connections": n, "archives": files, "rss_mb": round(rss, 1),
+        return {"connections": n, "flags": flags, "archives": files, "rss_mb": round(rss, 1),
                 "achieved_interval_ms": round((sum1 - sum0) / max(count1 - count0, 1) * 1e3, 1),
                 "polls_per_s": round((count1 - count0) / seconds, 1), "exit": code}
     finally:
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("daemon", help="resident memory of tcp-info over N idle connections")
     d.add_argument("-n", "--connections", type=int, default=10000)
     d.add_argument("-s", "--seconds", type=float, default=10.0)
+    d.add_argument("flags", nargs="*", help="tcp-info flags, after --: -- -dump-threads 2")
     f = sub.add_parser("filter", help="poll cost with most sockets excluded: userspace vs kernel")
     f.add_argument("-x", "--excluded", type=int, default=20000)
     f.add_argument("-n", "--included", type=int, default=1000)
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tcpinfo-bench: needs root to create network namespaces", file=sys.stderr)
         return 2
     if args.what == "daemon":
-        print(bench_daemon(args.connections, args.seconds))
+        print(bench_daemon(args.connections, args.seconds, args.flags))
     if args.what == "poll":
         print_poll(bench_poll(args.connections, args.rounds))
     if args.what == "filter":

@@ -108,7 +108,7 @@ def test_netblock_anonymizes_the_remote_address_and_keeps_the_hosts_own(testnet,
     with testnet.inside(testnet.ns_b):   # dual stack: an IPv4 peer seen as ::ffff:198.18.0.1
         dual = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
     with testnet.inside(testnet.ns_a):
-        dual_client = socket.create_connection((testnet.b4, dual.getsockname()[1]))
+        _dual_client = socket.create_connection((testnet.b4, dual.getsockname()[1]))
     mapped = dual.accept()[0]
     out = tmp_path / "out"
     daemon = daemons(testnet, testnet.ns_b, out, "-reps=10", "-anonymize.ip=netblock")

@@ -143,3 +143,25 @@ def test_without_a_listener_a_closed_connection_vanishes_at_the_next_poll(testne
     time.sleep(0.05)
     result = poller.poll()
     assert cookie in {c.cookie for c in result.vanished} and result.destroyed == []
+
+
+def test_notifications_lost_to_a_full_buffer_are_counted_and_polls_close_the_rest(testnet):
+    with testnet.inside(testnet.ns_a):
+        poller = Poller()
+        poller.listen_destroyed(rcvbuf=1, grace_ns=100_000_000)   # the kernel's minimum
+    pairs = testnet.open_many(60)
+    cookies = {cookie_of(client) for client, _ in pairs}
+    assert {c.cookie for c in poller.poll().changes} == cookies
+    for client, server in pairs:
+        client.close()
+        server.close()
+    time.sleep(0.3)   # every notification was sent while nobody read: most were dropped
+    closed, overruns = set(), 0
+    deadline = time.monotonic() + 5
+    while closed != cookies and time.monotonic() < deadline:
+        result = poller.poll()
+        overruns += result.destroy.overruns
+        closed |= {c.cookie for c in result.destroyed + result.vanished}
+        time.sleep(0.05)
+    assert overruns >= 1
+    assert closed == cookies

@@ -240,7 +240,7 @@ def test_stale_socket_is_replaced(sock_path, processes):
     stale.bind(sock_path)  # bound and never listened on: what a killed collector leaves
     stale.close()
     server = started(sock_path)
-    reader = spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
+    spawn(processes, sys.executable, "-c", RAW_READER, sock_path)
     wait_for_clients(server, 1)
     server.close()
 

@@ -137,13 +137,23 @@ def test_an_empty_filter_compiles_to_no_program_and_a_huge_one_is_refused():
         compile_filter(Filter(srcports=set(range(0, 65536, 2))))
 
 
-def test_a_program_the_kernel_rejects_leaves_filtering_to_userspace(testnet):
+def test_a_program_the_kernel_rejects_leaves_filtering_to_userspace(testnet, monkeypatch):
+    listener = testnet.listen()
+    excluded_port = listener.getsockname()[1]
+    dropped = testnet.connect(listener=listener)[1]
+    kept = testnet.connect()[1]
     with testnet.inside(testnet.ns_b):
-        poller = Poller()
-    with poller:
-        poller.set_bytecode(bytes([1, 0, 0, 0]))   # a jump that goes nowhere: the audit fails
-        assert poller.check_bytecode() != 0
-        assert poller.filter_in_kernel(Filter()) is None and poller.bytecode_size > 0
+        poller = Poller(Filter(srcports={excluded_port}))
+    # No program the compiler writes is refused, so hand the real kernel one its audit rejects:
+    # a jump that goes nowhere.
+    monkeypatch.setattr("tcpinfo.netlink.compile_filter", lambda sockets: bytes([1, 0, 0, 0]))
+    refusal = poller.filter_in_kernel(Filter(srcports={excluded_port}))
+    assert refusal and "rejected" in refusal and "Invalid argument" in refusal
+    assert poller.bytecode_size == 0
+    result = poller.poll()
+    assert result.inet.error is None
+    assert {c.cookie for c in result.changes} == {cookie_of(kept)}
+    assert cookie_of(dropped) not in {c.cookie for c in result.changes}
 
 
 def test_daemon_archives_only_included_connections_with_the_filter_in_the_kernel(
