@@ -7,7 +7,7 @@ import time
 
 import orjson
 
-from daemon_helpers import CLIENT, records, uuid_of
+from daemon_helpers import CLIENT, metric, records, scrape, uuid_of
 from tcpinfo.tcp import decode_tcp_info
 from topology import cookie_of
 
@@ -39,7 +39,7 @@ def test_connection_within_one_poll_interval_gets_archive_final_record_and_open_
         testnet, tmp_path, daemons):
     path, out = tmp_path / "events.sock", tmp_path / "out"
     daemon = daemons(testnet, testnet.ns_a, out, "-poll-interval=1h",
-                     f"-tcpinfo.eventsocket={path}")
+                     f"-tcpinfo.eventsocket={path}", "-prometheusx.listen-address=127.0.0.1:9990")
     daemon.wait_for("First poll done")
     reader = event_reader(path)
     client, server, _ = testnet.connect()
@@ -51,6 +51,10 @@ def test_connection_within_one_poll_interval_gets_archive_final_record_and_open_
     opened, closed = next_event(reader), next_event(reader)
     assert (opened["Event"], opened["UUID"], closed["Event"], closed["UUID"]) == (0, uuid, 1, uuid)
     assert opened["ID"]["SPort"] > 0 and closed["ID"] is None
+    exposition = scrape(testnet, testnet.ns_a)
+    assert metric(exposition, 'tcpinfo_destroy_notifications_total{outcome="short"}') == 1
+    assert metric(exposition, 'tcpinfo_cache_total{op="new"}') == 1
+    assert metric(exposition, 'tcpinfo_cache_total{op="expired"}') == 1
     assert daemon.stop() == 0, daemon.text()
     (final,) = records(out, cookie)   # the first poll never saw it: one record, the kernel's last
     assert final.raw_idm[1] == TCP_CLOSE
