@@ -78,7 +78,8 @@ struct tcpi_destroy_stats {
 };
 
 struct tcpi_poll_result {
-    struct tcpi_record *records;   /* new or changed, in dump order (IPv6 first) */
+    struct tcpi_record *records;   /* new or changed, in dump order (IPv6 first; with dump
+                                      threads the poll thread's, then each helper's) */
     uint32_t n_records;
     struct tcpi_record *vanished;  /* payload = last snapshot seen */
     uint32_t n_vanished;
