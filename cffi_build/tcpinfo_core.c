@@ -777,14 +777,17 @@ static int dump(struct tcpi_core *c, struct dumper *d, uint8_t family, uint32_t 
 {
     int64_t t0 = now_ns(CLOCK_MONOTONIC);
     uint32_t first = mode == PROCESS ? c->changed.n : 0;
-    struct arena *store = &d->store[family == AF_INET6 ? 0 : 1];
+    int f = family == AF_INET6 ? 0 : 1;
     int rc = -1;
     memset(st, 0, sizeof(*st));
-    store->len = 0;
     if (send_request(d, c->ext, family, states) < 0) {
         st->status = TCPI_E_SYSCALL;
         st->errno_value = errno;
         goto out;
+    }
+    if (mode == STORE) {
+        d->store[f].len = 0;
+        d->store_seq[f] = d->seq;
     }
     for (;;) {
         int trunc;
@@ -796,8 +799,7 @@ static int dump(struct tcpi_core *c, struct dumper *d, uint8_t family, uint32_t 
         }
         st->recvs++;
         int w = walk(c, d->seq, d->port_id, d->buf, (uint32_t)n, st, mode, count);
-        d->store_seq[family == AF_INET6 ? 0 : 1] = d->seq;
-        if (w >= 0 && mode == STORE && store_chunk(store, d->buf, (uint32_t)n) < 0) {
+        if (w >= 0 && mode == STORE && store_chunk(&d->store[f], d->buf, (uint32_t)n) < 0) {
             st->status = TCPI_E_NOMEM;
             w = -1;
         }
@@ -1060,6 +1062,8 @@ static void reset_result(struct tcpi_core *c)
     c->arena.len = 0;
     c->changed.n = c->gone.n = c->destroyed.n = 0;
     memset(&c->result.destroy, 0, sizeof(c->result.destroy));
+    memset(&c->result.inet6, 0, sizeof(c->result.inet6));
+    memset(&c->result.inet, 0, sizeof(c->result.inet));
 }
 
 static void publish(struct tcpi_core *c, struct tcpi_poll_result **out)
@@ -1268,8 +1272,6 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
     struct tcpi_poll_result *r = &c->result;
     c->epoch++;
     reset_result(c);
-    memset(&r->inet6, 0, sizeof(r->inet6));
-    memset(&r->inet, 0, sizeof(r->inet));
     drain_destroyed(c);
     if (c->n_dumpers > 1) {
         pthread_mutex_lock(&c->mu);
@@ -1307,8 +1309,6 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
 int tcpi_drain(struct tcpi_core *c, struct tcpi_poll_result **out)
 {
     reset_result(c);
-    memset(&c->result.inet6, 0, sizeof(c->result.inet6));
-    memset(&c->result.inet, 0, sizeof(c->result.inet));
     drain_destroyed(c);
     publish(c, out);
     return (int)c->destroyed.n;

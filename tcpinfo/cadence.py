@@ -19,7 +19,6 @@ class Cadence:
         self.interval_ns = interval_ns
         self.cpu_budget = cpu_budget          # share of one CPU; 0 = no budget
         self.period_ns = interval_ns          # the period chosen last (a metric)
-        self.last_cpu_ns = 0                  # the CPU time of the last cycle (a metric)
 
     def next_start(self, started_ns: int, now_ns: int, cpu_ns: int) -> int:
         """The monotonic time at which the next poll starts.
@@ -30,7 +29,6 @@ class Cadence:
         over is not made up for: the next poll starts now.
         """
         period = self.interval_ns
-        self.last_cpu_ns = cpu_ns
         if self.cpu_budget:
             period = max(period, int(cpu_ns / self.cpu_budget))
         self.period_ns = period

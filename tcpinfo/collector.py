@@ -27,7 +27,8 @@ from tcpinfo.anonymize import Anonymizer
 from tcpinfo.cadence import Cadence
 from tcpinfo.eventsocket import EventServer, NullServer
 from tcpinfo.inetdiag import IDM_LEN, split_message
-from tcpinfo.netlink import PREVIOUS_WAS_NIL, SHORT, Change, DestroyStats, FamilyStats, Poller, PollResult
+from tcpinfo.netlink import (PREVIOUS_WAS_NIL, SHORT, Change, DestroyStats, FamilyStats, Poller,
+                             PollResult)
 from tcpinfo.record import encode_message
 from tcpinfo.saver import Saver
 from tcpinfo.uuidprefix import make_uuid
@@ -153,8 +154,8 @@ class Collector:
                 last_report_s = wall_s
             cpu = time.process_time_ns()
             scheduled = self._cadence.next_start(scheduled, now, cpu - cpu_mark)
+            metrics.CYCLE_CPU.set((cpu - cpu_mark) / NS)
             cpu_mark = cpu
-            metrics.CYCLE_CPU.set(self._cadence.last_cpu_ns / NS)
             metrics.POLL_PERIOD.set(self._cadence.period_ns / NS)
             self._wait_until(scheduled)
 
@@ -174,8 +175,8 @@ class Collector:
     def drain_once(self) -> None:
         """Between polls: archive and announce the connections the kernel says have died."""
         result = self._poller.drain()
-        self._close_destroyed(result.destroyed)
         self._count_destroy(result.destroy)
+        self._close_destroyed(result.destroyed)
 
     def poll_once(self) -> PollResult:
         """One poll: archive what changed, announce what opened and closed, flush what is due."""
@@ -190,6 +191,7 @@ class Collector:
                 if counted:
                     self._count_port(cookie, payload)
             self._archive(payload, cookie, ts)
+        self._count_destroy(result.destroy)
         self._close_destroyed(result.destroyed)
         now_ns = time.time_ns()
         for payload, cookie, *_ in result.vanished:
@@ -245,11 +247,14 @@ class Collector:
         metrics.CACHE_COUNT.observe(result.tracked)
         for family, stats in ((socket.AF_INET6, result.inet6), (socket.AF_INET, result.inet)):
             self._count_family(family, stats)
-        self._count_destroy(result.destroy)
 
     def _count_destroy(self, stats: DestroyStats) -> None:
-        """Destroy notifications; the connections they end leave the cache as expired ones."""
-        if not stats.received and not stats.overruns and not stats.errno:
+        """Destroy notifications; the connections they end leave the cache as expired ones.
+
+        Called before their events are sent, so a client that sees a Close and then scrapes
+        /metrics finds it counted.
+        """
+        if not stats.received and not stats.overruns and not stats.errno_value:
             return
         metrics.CACHE.labels(op="new").inc(stats.shortflow)
         metrics.CACHE.labels(op="expired").inc(stats.final + stats.shortflow)
@@ -261,9 +266,9 @@ class Collector:
             metrics.DESTROY_OVERRUNS.inc(stats.overruns)
             self._log_limited("overrun", "The kernel dropped destroy notifications (receive "
                               "buffer full); polls close those connections instead")
-        if stats.errno:
+        if stats.errno_value:
             self._log_limited("destroy errno", "Reading destroy notifications failed: %s",
-                              os.strerror(stats.errno))
+                              os.strerror(stats.errno_value))
 
     def _count_family(self, family: int, stats: FamilyStats) -> None:
         af = metrics.AF_LABELS[family]

@@ -72,7 +72,7 @@ class DestroyStats(NamedTuple):
     late: int        # for a connection a poll had already closed
     bad: int
     overruns: int    # ENOBUFS: the kernel dropped notifications (polls cover the closes)
-    errno: int       # last unexpected receive error, 0 if none
+    errno_value: int  # last unexpected receive error, 0 if none
 
 
 @dataclass
@@ -282,9 +282,8 @@ class Poller:
                           _records(res, res.vanished, res.n_vanished),
                           _records(res, res.destroyed, res.n_destroyed),
                           _family_stats(res.inet6), _family_stats(res.inet),
-                          DestroyStats(*(getattr(res.destroy, name) for name in (
-                              "received", "final", "shortflow", "excluded", "late", "bad",
-                              "overruns", "errno_value"))),
+                          DestroyStats(*(getattr(res.destroy, name)   # same names as in C
+                                         for name in DestroyStats._fields)),
                           res.tracked)
 
     def forget_all(self) -> None:
