@@ -92,17 +92,26 @@ struct recvec {
 
 struct tcpi_core;
 
+/* What one thread asks of one family: a bytecode program (INET_DIAG_REQ_BYTECODE,
+ * allocated aligned; NULL: none), or nothing at all (skip: another thread dumps the
+ * whole family, and not walking it saves this thread a pass over the hash table). */
+struct program {
+    uint8_t *code;
+    uint32_t len;
+    int skip;
+};
+
 /* One netlink socket and what it asks for.  A poll dumps with one per thread: the
- * poll thread's (dumpers[0]) and those of its helpers, each with a bytecode
- * program that selects its share of the sockets. */
+ * poll thread's (dumpers[0]) and those of its helpers, each with programs that
+ * select its share of the sockets. */
 struct dumper {
     int fd;
     uint32_t port_id;
     uint32_t seq;
     uint8_t *buf;             /* receive buffer */
     uint32_t buf_size;
-    uint8_t *bytecode;        /* INET_DIAG_REQ_BYTECODE, allocated aligned; NULL: none */
-    uint32_t bytecode_len;
+    struct program prog[2];   /* [0] for AF_INET6, [1] for AF_INET, as in FAMILIES */
+    int64_t busy_ns;          /* time spent dumping since tcpi_thread_busy last read it */
     /* Helpers only: their replies, kept for the poll thread, which alone owns the
      * snapshot table; [0] is the AF_INET6 dump, [1] the AF_INET one. */
     struct arena store[2];    /* recv chunks, each preceded by its uint32_t length */
@@ -532,8 +541,14 @@ static void reset_socket(struct dumper *d)
     open_socket(d);
 }
 
+static int slot_of_family(uint8_t family)
+{
+    return family == AF_INET6 ? 0 : 1;
+}
+
 static int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t states)
 {
+    const struct program *prog = &d->prog[slot_of_family(family)];
     struct {
         struct nlmsghdr nh;
         struct inet_diag_req_v2 req;
@@ -549,13 +564,13 @@ static int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t 
     msg.req.sdiag_protocol = IPPROTO_TCP;
     msg.req.idiag_ext = ext;
     msg.req.idiag_states = states;
-    struct iovec iov[3] = {{&msg, head}, {&msg.bc, 0}, {d->bytecode, 0}};
-    if (d->bytecode_len) {
+    struct iovec iov[3] = {{&msg, head}, {&msg.bc, 0}, {prog->code, 0}};
+    if (prog->len) {
         msg.bc.nla_type = INET_DIAG_REQ_BYTECODE;
-        msg.bc.nla_len = (uint16_t)(NLA_HDRLEN + d->bytecode_len);
-        msg.nh.nlmsg_len += NLA_HDRLEN + NLA_ALIGN(d->bytecode_len);
+        msg.bc.nla_len = (uint16_t)(NLA_HDRLEN + prog->len);
+        msg.nh.nlmsg_len += NLA_HDRLEN + NLA_ALIGN(prog->len);
         iov[1].iov_len = NLA_HDRLEN;
-        iov[2].iov_len = NLA_ALIGN(d->bytecode_len);  /* buffer is allocated aligned */
+        iov[2].iov_len = NLA_ALIGN(prog->len);  /* buffer is allocated aligned */
     }
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
     struct msghdr mh = {.msg_name = &kernel, .msg_namelen = sizeof(kernel), .msg_iov = iov,
@@ -777,7 +792,7 @@ static int dump(struct tcpi_core *c, struct dumper *d, uint8_t family, uint32_t 
 {
     int64_t t0 = now_ns(CLOCK_MONOTONIC);
     uint32_t first = mode == PROCESS ? c->changed.n : 0;
-    int f = family == AF_INET6 ? 0 : 1;
+    int f = slot_of_family(family);
     int rc = -1;
     memset(st, 0, sizeof(*st));
     if (send_request(d, c->ext, family, states) < 0) {
@@ -813,6 +828,7 @@ out:
         reset_socket(d);
     st->end_realtime_ns = now_ns(CLOCK_REALTIME);
     st->duration_ns = now_ns(CLOCK_MONOTONIC) - t0;
+    d->busy_ns += st->duration_ns;
     if (mode == PROCESS)
         stamp(c, first, st->end_realtime_ns);
     return rc;
@@ -821,6 +837,20 @@ out:
 /* ---- dump threads ------------------------------------------------------------ */
 
 static const uint8_t FAMILIES[2] = {AF_INET6, AF_INET};
+
+/* Dumps a thread's share of family slot f; a skipped family counts as done (it is
+ * not this thread's), with empty stats.  Returns 1 if the share is complete. */
+static int dump_share(struct tcpi_core *c, struct dumper *d, int f,
+                      struct tcpi_family_stats *st, enum walk_mode mode)
+{
+    if (d->prog[f].skip) {
+        memset(st, 0, sizeof(*st));
+        if (mode == STORE)
+            d->store[f].len = 0;   /* never replay a reply from before the skip */
+        return 1;
+    }
+    return dump(c, d, FAMILIES[f], c->states, st, mode, NULL) == 0;
+}
 
 static void *helper_main(void *arg)
 {
@@ -836,7 +866,7 @@ static void *helper_main(void *arg)
         seen = c->job;
         pthread_mutex_unlock(&c->mu);
         for (int f = 0; f < 2; f++)
-            d->ok[f] = dump(c, d, FAMILIES[f], c->states, &d->st[f], STORE, NULL) == 0;
+            d->ok[f] = dump_share(c, d, f, &d->st[f], STORE);
         pthread_mutex_lock(&c->mu);
         c->finished++;
         pthread_cond_signal(&c->done);
@@ -902,7 +932,8 @@ static void dumper_free(struct dumper *d)
     if (d->fd >= 0)
         close(d->fd);
     free(d->buf);
-    free(d->bytecode);
+    free(d->prog[0].code);
+    free(d->prog[1].code);
     free(d->store[0].data);
     free(d->store[1].data);
 }
@@ -1149,11 +1180,13 @@ void tcpi_set_request(struct tcpi_core *c, uint8_t ext, uint32_t states)
     c->states = states;
 }
 
-int tcpi_set_bytecode(struct tcpi_core *c, uint32_t thread, const uint8_t *bc, uint32_t len)
+int tcpi_set_program(struct tcpi_core *c, uint32_t thread, uint8_t family, int skip,
+                     const uint8_t *bc, uint32_t len)
 {
-    if (thread >= c->n_dumpers || len > 65535 - NLA_HDRLEN)
+    if (thread >= c->n_dumpers || len > 65535 - NLA_HDRLEN ||
+        (family != AF_INET && family != AF_INET6))
         return -1;
-    struct dumper *d = &c->dumpers[thread];
+    struct program *prog = &c->dumpers[thread].prog[slot_of_family(family)];
     uint8_t *copy = NULL;
     if (len) {
         copy = calloc(1, NLA_ALIGN(len));
@@ -1161,9 +1194,10 @@ int tcpi_set_bytecode(struct tcpi_core *c, uint32_t thread, const uint8_t *bc, u
             return -1;
         memcpy(copy, bc, len);
     }
-    free(d->bytecode);
-    d->bytecode = copy;
-    d->bytecode_len = len;
+    free(prog->code);
+    prog->code = copy;
+    prog->len = len;
+    prog->skip = skip != 0;
     return 0;
 }
 
@@ -1197,13 +1231,13 @@ int tcpi_set_threads(struct tcpi_core *c, uint32_t n, int *err)
     return 0;
 }
 
-void tcpi_port_histogram(struct tcpi_core *c, uint32_t *local, uint32_t *remote)
+void tcpi_port_histogram(struct tcpi_core *c, uint8_t family, uint32_t *local, uint32_t *remote)
 {
     memset(local, 0, 256 * sizeof(*local));
     memset(remote, 0, 256 * sizeof(*remote));
     for (uint32_t i = 0; i < c->tbl.cap; i++) {
         const struct entry *e = &c->tbl.slots[i];
-        if (e->used && e->fate == LIVE && e->len >= IDM_LEN) {
+        if (e->used && e->fate == LIVE && e->len >= IDM_LEN && e->data[0] == family) {
             local[e->data[4]]++;   /* the high byte of the big-endian port */
             remote[e->data[6]]++;
         }
@@ -1281,9 +1315,9 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
         pthread_mutex_unlock(&c->mu);
     }
     struct dumper *d0 = &c->dumpers[0];
-    int ok6 = dump(c, d0, AF_INET6, c->states, &r->inet6, PROCESS, NULL) == 0;
+    int ok6 = dump_share(c, d0, 0, &r->inet6, PROCESS);
     drain_destroyed(c);
-    int ok4 = dump(c, d0, AF_INET, c->states, &r->inet, PROCESS, NULL) == 0;
+    int ok4 = dump_share(c, d0, 1, &r->inet, PROCESS);
     if (c->n_dumpers > 1) {
         pthread_mutex_lock(&c->mu);
         while (c->finished < c->n_dumpers - 1)
@@ -1299,6 +1333,14 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
             ok6 = ok6 && d->ok[0];
             ok4 = ok4 && d->ok[1];
         }
+    }
+    /* A family no thread dumped was not seen complete: never sweep it. */
+    for (int f = 0; f < 2; f++) {
+        int dumped = 0;
+        for (uint32_t i = 0; i < c->n_dumpers; i++)
+            dumped |= !c->dumpers[i].prog[f].skip;
+        if (!dumped)
+            *(f == 0 ? &ok6 : &ok4) = 0;
     }
     drain_destroyed(c);
     sweep(c, ok6, ok4, now_ns(CLOCK_REALTIME));
@@ -1352,13 +1394,17 @@ uint32_t tcpi_destroy_rcvbuf(struct tcpi_core *c)
     return (uint32_t)size;
 }
 
-int tcpi_check_bytecode(struct tcpi_core *c, uint32_t thread)
+int tcpi_check_bytecode(struct tcpi_core *c, uint32_t thread, uint8_t family)
 {
     struct tcpi_family_stats st;
     int64_t count = 0;
-    if (thread >= c->n_dumpers)
+    if (thread >= c->n_dumpers || (family != AF_INET && family != AF_INET6))
         return EINVAL;
-    if (dump(c, &c->dumpers[thread], AF_INET, 0, &st, COUNT, &count) == 0)
+    struct dumper *d = &c->dumpers[thread];
+    int64_t busy = d->busy_ns;   /* an audit is not dump work */
+    int rc = dump(c, d, family, 0, &st, COUNT, &count);
+    d->busy_ns = busy;
+    if (rc == 0)
         return 0;
     return st.errno_value ? st.errno_value : EPROTO;
 }
@@ -1450,6 +1496,15 @@ int64_t tcpi_encode_record(const uint8_t *idm, const uint8_t *payload, uint32_t 
 void tcpi_release_memory(void)
 {
     malloc_trim(0);
+}
+
+void tcpi_thread_busy(struct tcpi_core *c, int64_t *ns, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        ns[i] = i < c->n_dumpers ? c->dumpers[i].busy_ns : 0;
+        if (i < c->n_dumpers)
+            c->dumpers[i].busy_ns = 0;
+    }
 }
 
 int64_t tcpi_count_dump(struct tcpi_core *c, uint8_t family, int *err)

@@ -103,24 +103,33 @@ void tcpi_core_free(struct tcpi_core *core);
 /* Request shape: upstream sends ext 0xFF and states 0x0F37. */
 void tcpi_set_request(struct tcpi_core *core, uint8_t ext, uint32_t states);
 
-/* Attaches an inet_diag bytecode program (INET_DIAG_REQ_BYTECODE) to the dump
- * requests of one dump thread (0: the poll's own), so the kernel filters before
- * serializing; len 0 removes it.  The kernel audits the program: a rejected one
- * makes each of that thread's dumps fail with NLMSG_ERROR EINVAL. */
-int tcpi_set_bytecode(struct tcpi_core *core, uint32_t thread, const uint8_t *bytecode,
-                      uint32_t len);
+/* Sets what one dump thread (0: the poll's own) asks of one family (AF_INET or
+ * AF_INET6): skip != 0 dumps nothing of it (another thread takes the whole family);
+ * else an inet_diag bytecode program (INET_DIAG_REQ_BYTECODE) goes with the
+ * requests, so the kernel filters before serializing; len 0 sends none.  The
+ * kernel audits the program: a rejected one makes each of that thread's dumps of
+ * the family fail with NLMSG_ERROR EINVAL.  A family that no thread dumps is never
+ * reported vanished. */
+int tcpi_set_program(struct tcpi_core *core, uint32_t thread, uint8_t family, int skip,
+                     const uint8_t *bytecode, uint32_t len);
 
 /* Splits each poll's dumps over n threads (1 to 16): the poll's own and n - 1
- * helpers, each with its own netlink socket.  Every thread dumps both families
- * with its own program, which must select a share of the sockets disjoint from
- * the others' (ports are the usual key: they never change).  Helpers only receive;
- * the poll thread diffs their replies after its own, so the snapshot table has one
- * owner.  The wall time of a poll then approaches 1/n of the kernel's work. */
+ * helpers, each with its own netlink socket.  Each thread dumps a family with its
+ * own program or skips it; together the programs must select disjoint shares that
+ * cover the family (ports are the usual key: they never change).  Helpers only
+ * receive; the poll thread diffs their replies after its own, so the snapshot
+ * table has one owner.  The wall time of a poll then approaches 1/n of the
+ * kernel's work. */
 int tcpi_set_threads(struct tcpi_core *core, uint32_t n, int *err);
 
-/* How the tracked connections spread over ports, by the high byte of the local and
- * of the remote port (256 buckets each): what shares are chosen from. */
-void tcpi_port_histogram(struct tcpi_core *core, uint32_t *local, uint32_t *remote);
+/* How the tracked connections of one family spread over ports, by the high byte of
+ * the local and of the remote port (256 buckets each): what shares are chosen from. */
+void tcpi_port_histogram(struct tcpi_core *core, uint8_t family, uint32_t *local,
+                         uint32_t *remote);
+
+/* Each dump thread's time spent dumping since the last call (ns[i] for thread i, 0
+ * past the last thread), then restarts the counts: how the shares are balanced. */
+void tcpi_thread_busy(struct tcpi_core *core, int64_t *ns, uint32_t n);
 
 /* The userspace filter.  Exclusions are checked in upstream's order (source port,
  * local address, destination IP); then, if include lists are set, a socket is kept
@@ -183,12 +192,14 @@ uint32_t tcpi_encode_bound(uint32_t len, uint32_t ts_len);
  * resident.  Cheap enough to call about once a second. */
 void tcpi_release_memory(void);
 
-/* Asks the kernel to audit a thread's bytecode with a dump that selects no state
- * (no socket is walked).  Returns 0 if accepted, else the errno it gave. */
-int tcpi_check_bytecode(struct tcpi_core *core, uint32_t thread);
+/* Asks the kernel to audit a thread's program for a family with a dump that
+ * selects no state (no socket is walked).  Returns 0 if accepted, else the errno
+ * it gave. */
+int tcpi_check_bytecode(struct tcpi_core *core, uint32_t thread, uint8_t family);
 
 /* The kernel's floor, for benchmarks: the same request and receive loop (thread
- * 0's socket and program), only counting messages.  Returns the count, or -1 with
+ * 0's socket and program for the family, even if it skips it), only counting
+ * messages.  Returns the count, or -1 with
  * *err = errno. */
 int64_t tcpi_count_dump(struct tcpi_core *core, uint8_t family, int *err);
 

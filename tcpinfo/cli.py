@@ -79,6 +79,8 @@ def run(config: flags.Config) -> int:
             refusal = poller.set_threads(config.dump_threads)
             if refusal:
                 log.warning("Dumping on one thread: %s", refusal)
+        elif config.dump_threads == 0 and not config.cpu_budget:
+            poller.auto_threads(min(2, len(os.sched_getaffinity(0))))
         if config.destroy_events:
             poller.listen_destroyed()
             log.info("Listening for destroy notifications (receive buffer %d bytes)",

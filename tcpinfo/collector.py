@@ -287,6 +287,7 @@ class Collector:
         """Once a second: gauges, upstream's byte-rate histograms, and returning freed memory."""
         metrics.OPEN_CONNECTIONS.set(self._saver.open_connections)
         metrics.BUFFERED_BYTES.set(self._saver.buffered_bytes)
+        metrics.DUMP_THREADS.set(self._poller.threads)
         self._rates.report()
         self._poller.release_memory()
 

@@ -133,6 +133,9 @@ DESTROY_OVERRUNS = Counter(
     "tcpinfo_destroy_overruns_total",
     "Times the kernel reported lost destroy notifications (ENOBUFS); polls close those "
     "connections instead.")
+DUMP_THREADS = Gauge(
+    "tcpinfo_dump_threads",
+    "Threads dumping sockets in the latest polls (-dump-threads; auto moves between 1 and 2).")
 KERNEL_FILTER = Gauge(
     "tcpinfo_kernel_filter_bytes",
     "Size of the inet_diag bytecode filter the kernel runs on every dump; 0 if none.")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from tcpinfo._native import ffi, lib
-from tcpinfo.sockfilter import Filter, compile_filter, share_programs
+from tcpinfo import shares
+from tcpinfo.sockfilter import Filter, compile_filter
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,13 @@ class Poller:
         self.destroy_fd = -1
         self.threads = 1
         self._kernel_filter = b""        # the filter program the kernel accepted
-        self._programs: list[bytes] = [b""]   # what each dump thread sends now
+        self._plan: shares.Plan = shares.plan(b"", 1, {}, 1.0)   # what each thread sends now
+        self.first_share = 1.0           # the poll thread's part of each split family
         self._rebalance_at = 0
+        self.auto_most = 0               # -dump-threads auto: most threads; 0: fixed
+        self._auto_limits = (shares.ENGAGE_NS, shares.RELEASE_NS)
+        self._poll_ns = 0.0              # poll wall time, smoothed
+        self._adapt_at = 0
         self.set_filter(sockets or Filter())
 
     def set_filter(self, f: Filter) -> None:
@@ -163,24 +169,29 @@ class Poller:
         """Size of the filter program the kernel runs (0: filtering is userspace only)."""
         return len(self._kernel_filter)
 
-    def set_bytecode(self, program: bytes, thread: int = 0) -> None:
-        """Attaches an inet_diag bytecode program to one dump thread's requests (b"" removes it).
+    def set_bytecode(self, program: bytes | None, thread: int = 0,
+                     families: tuple[int, ...] = shares.FAMILIES) -> None:
+        """Sets the inet_diag bytecode program one dump thread sends for some families.
 
-        The kernel audits it per dump; a rejected program makes the dumps fail with
-        NLMSG_ERROR (EINVAL), which `poll` reports in the family stats.  `filter_in_kernel`
-        and `set_threads` manage the programs; this is the raw access.
+        b"" sends none; None skips the family on that thread.  The kernel audits a program
+        per dump; a rejected one makes the dumps fail with NLMSG_ERROR (EINVAL), which `poll`
+        reports in the family stats.  `filter_in_kernel` and `set_threads` manage the
+        programs; this is the raw access.
         """
-        if lib.tcpi_set_bytecode(self._core, thread, program, len(program)) != 0:
-            raise ValueError(f"bytecode of {len(program)} bytes is too long, thread {thread} "
-                             "does not exist, or memory ran out")
-        self._programs = []   # no longer what _install sent
+        code = program or b""
+        for family in families:
+            if lib.tcpi_set_program(self._core, thread, family, program is None, code,
+                                    len(code)) != 0:
+                raise ValueError(f"bytecode of {len(code)} bytes is too long, thread {thread} "
+                                 "does not exist, or memory ran out")
+        self._plan = []   # no longer what _install sent
 
-    def check_bytecode(self, thread: int = 0) -> int:
-        """0 if the kernel accepts a thread's program, else the errno it rejects it with.
+    def check_bytecode(self, thread: int = 0, family: int = socket.AF_INET) -> int:
+        """0 if the kernel accepts a thread's program for a family, else the errno it gives.
 
         Costs one dump that selects no state, so no socket is walked.
         """
-        return lib.tcpi_check_bytecode(self._core, thread)
+        return lib.tcpi_check_bytecode(self._core, thread, family)
 
     def filter_in_kernel(self, sockets: Filter) -> str | None:
         """Has the kernel apply `sockets` while it dumps; returns None, or why it cannot.
@@ -209,6 +220,8 @@ class Poller:
         if lib.tcpi_set_threads(self._core, n, err) != 0:
             raise OSError(err[0], f"cannot start {n} dump threads: {os.strerror(err[0])}")
         self.threads = n
+        self.first_share = 1 / n
+        lib.tcpi_thread_busy(self._core, ffi.new("int64_t[]", n), n)   # a fresh start
         refusal = self._install()
         if refusal:
             lib.tcpi_set_threads(self._core, 1, err)
@@ -216,30 +229,71 @@ class Poller:
             self._install()
         return refusal
 
-    def _install(self) -> str | None:
-        """Sends each dump thread its program: the kernel filter within the thread's share."""
-        local = remote = ()
-        if self.threads > 1:
+    def auto_threads(self, most: int, engage_ns: float = shares.ENGAGE_NS,
+                     release_ns: float = shares.RELEASE_NS) -> None:
+        """Dumps on one thread while polls are quick and on `most` while they are slow.
+
+        Checked every 2 s against the smoothed poll time (`shares.threads_wanted`).  A machine
+        that cannot start the threads, or a kernel that refuses their programs, leaves polling
+        on one thread for good (logged).
+        """
+        self.auto_most = most
+        self._auto_limits = (engage_ns, release_ns)
+
+    def _adapt(self, poll_ns: int) -> None:
+        self._poll_ns = poll_ns if not self._poll_ns else 0.8 * self._poll_ns + 0.2 * poll_ns
+        now = time.monotonic_ns()
+        if now < self._adapt_at:
+            return
+        self._adapt_at = now + REBALANCE_NS
+        wanted = shares.threads_wanted(self.threads, self.auto_most, self._poll_ns,
+                                       *self._auto_limits)
+        if wanted == self.threads:
+            return
+        log.info("Polls take %.1f ms: dumping on %d thread%s", self._poll_ns / 1e6, wanted,
+                 "s" if wanted > 1 else "")
+        try:
+            refusal = self.set_threads(wanted)
+        except OSError as err:
+            refusal = str(err)
+        if refusal:
+            log.warning("Dumping on one thread from now on: %s", refusal)
+            self.auto_most = 0
+
+    def _spreads(self) -> dict[int, shares.Spread]:
+        spreads = {}
+        for family in shares.FAMILIES:
             local, remote = ffi.new("uint32_t[256]"), ffi.new("uint32_t[256]")
-            lib.tcpi_port_histogram(self._core, local, remote)
-        programs = share_programs(self._kernel_filter, self.threads, local, remote)
-        if programs == self._programs:
+            lib.tcpi_port_histogram(self._core, family, local, remote)
+            spreads[family] = shares.Spread(tuple(local), tuple(remote))
+        return spreads
+
+    def _install(self) -> str | None:
+        """Sends each dump thread its programs: the kernel filter within the thread's shares."""
+        spreads = self._spreads() if self.threads > 1 else {}
+        plan = shares.plan(self._kernel_filter, self.threads, spreads, self.first_share)
+        if plan == self._plan:
             return None
-        for thread, program in enumerate(programs):
-            self.set_bytecode(program, thread)
-            errno_value = self.check_bytecode(thread) if program else 0
-            if errno_value:
-                return (f"the kernel rejected a {len(program)}-byte inet_diag program "
-                        f"({os.strerror(errno_value)})")
-        self._programs = programs
+        for thread, programs in enumerate(plan):
+            for family, program in programs.items():
+                self.set_bytecode(program, thread, (family,))
+                errno_value = self.check_bytecode(thread, family) if program else 0
+                if errno_value:
+                    return (f"the kernel rejected a {len(program)}-byte inet_diag program "
+                            f"({os.strerror(errno_value)})")
+        self._plan = plan
         return None
 
     def _rebalance(self) -> None:
-        """Every few seconds, moves the threads' share boundaries to where the connections are."""
+        """Every few seconds, moves the threads' shares to where the connections are and away
+        from the thread that was busiest."""
         now = time.monotonic_ns()
         if now < self._rebalance_at:
             return
         self._rebalance_at = now + REBALANCE_NS
+        busy = ffi.new("int64_t[]", self.threads)
+        lib.tcpi_thread_busy(self._core, busy, self.threads)
+        self.first_share = shares.rebalanced(self.first_share, list(busy))
         refusal = self._install()
         if refusal:
             log.warning("Dumping on one thread from now on: %s", refusal)
@@ -268,7 +322,10 @@ class Poller:
         """Dumps IPv6 then IPv4 sockets; returns only new, changed, vanished and destroyed ones."""
         if self.threads > 1:
             self._rebalance()
+        start = time.monotonic_ns()
         lib.tcpi_poll(self._core, self._out)
+        if self.auto_most > 1:
+            self._adapt(time.monotonic_ns() - start)
         return self._result()
 
     def drain(self) -> PollResult:

@@ -40,16 +40,42 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
+_CHILD_EHASH = "/proc/sys/net/ipv4/tcp_child_ehash_entries"
+
+
+def _add_with_table(name: str, buckets: int) -> None:
+    """Creates a namespace with a private TCP hash table (Linux >= 6.1).
+
+    The size is read from the creating namespace's sysctl when the namespace is made, so the
+    sysctl is set for that moment and then restored.
+    """
+    with open(_CHILD_EHASH) as f:
+        previous = f.read().strip()
+    with open(_CHILD_EHASH, "w") as f:
+        f.write(str(buckets))
+    try:
+        run("ip", "netns", "add", name)
+    finally:
+        with open(_CHILD_EHASH, "w") as f:
+            f.write(previous)
+
+
 class Topology:
     """Namespaces `a` (client side) and `b` (server side) on one /24 and one /64."""
 
-    def __init__(self, shape_egress: bool = False) -> None:
+    def __init__(self, shape_egress: bool = False, peer_table: int = 0) -> None:
+        """peer_table: if > 0, `a` gets its own TCP socket hash table of that many buckets, so
+        that a dump in `b` walks only b's sockets, as on a host whose peers are other machines
+        (by default both share the host's table, and b's dumps skip a's sockets too)."""
         tag = f"{os.getpid() % 100000}x{next(_counter)}"
         self.ns_a, self.ns_b = f"tpa{tag}", f"tpb{tag}"
         self.dev_a, self.dev_b = f"va{tag}"[:15], f"vb{tag}"[:15]
         self.a4, self.b4 = "198.18.0.1", "198.18.0.2"
         self.a6, self.b6 = "fd00:18::1", "fd00:18::2"
-        run("ip", "netns", "add", self.ns_a)
+        if peer_table:
+            _add_with_table(self.ns_a, peer_table)
+        else:
+            run("ip", "netns", "add", self.ns_a)
         run("ip", "netns", "add", self.ns_b)
         try:
             run("ip", "link", "add", self.dev_a, "netns", self.ns_a, "type", "veth",

@@ -157,51 +157,14 @@ def _ranges(ports: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _cuts(histogram: Sequence[int], n: int) -> list[int]:
-    """n - 1 increasing bucket boundaries (1..255) that split the histogram most evenly."""
-    total = sum(histogram)
-    if not total:
-        return [256 * k // n for k in range(1, n)]
-    cumulative = [0]
-    for count in histogram:
-        cumulative.append(cumulative[-1] + count)
-    cuts: list[int] = []
-    for k in range(1, n):
-        first = cuts[-1] + 1 if cuts else 1
-        cuts.append(min(range(first, 256 - (n - 1 - k)),
-                        key=lambda b: abs(cumulative[b] - total * k / n)))
-    return cuts
+def port_share(local: bool, first: int, last: int) -> bytes:
+    """A program keeping sockets whose local (or remote) port is within first..last."""
+    return _port_range(_S_GE, _S_LE, first, last) if local else _port_range(_D_GE, _D_LE, first, last)
 
 
-def _largest_share(histogram: Sequence[int], cuts: list[int]) -> float:
-    """The biggest share's part of the total; 1.0 when there is nothing to go by."""
-    total = sum(histogram)
-    if not total:
-        return 1.0
-    bounds = [0, *cuts, 256]
-    return max(sum(histogram[a:b]) for a, b in zip(bounds, bounds[1:])) / total
-
-
-def share_programs(filter_program: bytes, n: int, local: Sequence[int] = (),
-                   remote: Sequence[int] = ()) -> list[bytes]:
-    """Programs for n dump threads: each keeps what `filter_program` keeps, within its share.
-
-    Shares are ranges of the local or of the remote port, whichever splits the connections
-    tracked so far (`local` and `remote`: counts by the port's high byte) most evenly, so each
-    thread serializes about 1/n of the sockets.  Ports never change, so a connection stays in one
-    share, and the shares cover every port exactly once.
-    """
-    if n == 1:
-        return [filter_program]
-    options = []
-    for ge, le, histogram in ((_D_GE, _D_LE, list(remote) or [0] * 256),
-                              (_S_GE, _S_LE, list(local) or [0] * 256)):
-        cuts = _cuts(histogram, n)
-        options.append((_largest_share(histogram, cuts), ge, le, cuts))
-    _, ge, le, cuts = min(options, key=lambda option: option[0])   # a tie keeps the remote port
-    bounds = [0, *(256 * c for c in cuts), 65536]
-    shares = [_port_range(ge, le, first, last - 1) for first, last in zip(bounds, bounds[1:])]
-    return [_and(filter_program, share) if filter_program else share for share in shares]
+def both(a: bytes, b: bytes) -> bytes:
+    """A program keeping what a and b both keep (b"" keeps everything)."""
+    return _and(a, b) if a and b else a or b
 
 
 def compile_filter(f: Filter) -> bytes:

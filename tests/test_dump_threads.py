@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from tcpinfo.netlink import Poller
-from tcpinfo.sockfilter import Filter, compile_filter, share_programs
+from tcpinfo import shares
+from tcpinfo._native import ffi, lib
+from tcpinfo.sockfilter import Filter, compile_filter
+from daemon_helpers import metric, scrape, wait_until
 from topology import cookie_of
 
 
@@ -53,25 +58,120 @@ def test_threads_with_a_kernel_filter_keep_what_the_userspace_filter_keeps(testn
     assert threaded.poll().changes == []
 
 
-def test_share_programs_partition_the_sockets_whatever_the_port_spread(testnet):
-    pairs = testnet.open_many(600)
+def _spread(servers) -> shares.Spread:
+    local, remote = [0] * 256, [0] * 256
+    for server in servers:
+        local[server.getsockname()[1] >> 8] += 1
+        remote[server.getpeername()[1] >> 8] += 1
+    return shares.Spread(tuple(local), tuple(remote))
+
+
+@pytest.mark.parametrize("v4,v6", [(600, 60), (200, 400)])
+def test_plans_partition_every_family_whatever_the_shares_and_the_spread(testnet, v4, v6):
+    pairs = {socket.AF_INET: testnet.open_many(v4), socket.AF_INET6: testnet.open_many(v6, socket.AF_INET6)}
     with testnet.inside(testnet.ns_b):
         probe = Poller()
     everything = reported(probe.poll())
-    local, remote = [0] * 256, [0] * 256
-    for _, server in pairs:
-        local[server.getsockname()[1] >> 8] += 1
-        remote[server.getpeername()[1] >> 8] += 1
+    real = {family: _spread(server for _, server in pairs[family]) for family in pairs}
     base = compile_filter(Filter())
-    for n, hist in ((2, (local, remote)), (3, (local, remote)), (2, ((), ())), (4, (local, [0] * 256))):
-        shares = []
-        for program in share_programs(base, n, *hist):
+    for n, spreads, first_share in ((2, real, 0.5), (2, real, 0.0), (2, real, 0.93),
+                                    (3, real, 0.2), (2, {}, 0.5), (4, real, 0.25)):
+        plan = shares.plan(base, n, spreads or {f: shares.Spread() for f in pairs}, first_share)
+        for family in pairs:
+            assert any(thread[family] is not None for thread in plan), (n, family)
+        kept = []
+        for thread in plan:
             with testnet.inside(testnet.ns_b):
                 one = Poller(Filter(local=False))
-            one.set_bytecode(program)
-            shares.append(reported(one.poll()))
+            for family, program in thread.items():
+                one.set_bytecode(program, 0, (family,))
+            kept.append(reported(one.poll()))
             one.close()
-        assert set().union(*shares) == everything
-        assert sum(len(s) for s in shares) == len(everything), "a socket fell in two shares"
-        if any(hist[1]):   # shares drawn from the real spread are even
-            assert max(len(s) for s in shares) <= len(everything) / n * 1.3 + 5
+        assert set().union(*kept) == everything, (n, first_share)
+        assert sum(len(k) for k in kept) == len(everything), f"a socket fell in two shares {n}"
+        if spreads and 0 < first_share < 1:   # shares drawn from the real spread follow the targets
+            assert len(kept[0]) <= len(everything) * first_share * 1.3 + max(v4, v6) / 4 + 5
+
+
+def test_a_small_family_goes_whole_to_the_poll_thread_and_the_helpers_skip_its_walk():
+    many, few = shares.Spread(remote=(10,) * 256, local=(10,) * 256), shares.Spread(
+        remote=(1,) * 100 + (0,) * 156, local=(1,) * 100 + (0,) * 156)
+    plan = shares.plan(b"", 2, {socket.AF_INET: many, socket.AF_INET6: few}, 0.4)
+    assert plan[0][socket.AF_INET6] == b"" and plan[1][socket.AF_INET6] is None
+    assert plan[0][socket.AF_INET] and plan[1][socket.AF_INET]   # the big one is split
+    nothing = shares.plan(b"", 2, {socket.AF_INET: many, socket.AF_INET6: few}, 0.0)
+    assert nothing[0][socket.AF_INET] is None and nothing[1][socket.AF_INET] == b""
+
+
+def test_the_busier_thread_gives_up_part_of_its_share():
+    assert shares.rebalanced(0.5, [8_000_000, 4_000_000]) < 0.5
+    assert shares.rebalanced(0.5, [4_000_000, 8_000_000]) > 0.5
+    assert shares.rebalanced(0.5, [6_000_000, 6_000_000]) == 0.5
+    assert shares.rebalanced(0.5, [0, 0]) == 0.5                 # no polls: nothing to go by
+    assert shares.rebalanced(0.05, [9_000_000, 0]) == 0.0        # clamped to [0, 1]
+    assert 0 <= shares.rebalanced(0.3, [5, 1, 1]) < 0.3
+
+
+def test_a_family_that_no_thread_dumps_is_never_reported_vanished(testnet):
+    pairs = testnet.open_many(20)
+    with testnet.inside(testnet.ns_b):
+        poller = Poller()
+    assert reported(poller.poll()) == {cookie_of(server) for _, server in pairs}
+    poller.set_bytecode(None, 0, (socket.AF_INET,))
+    result = poller.poll()
+    assert result.changes == [] and result.vanished == []
+    assert result.inet.messages == 0
+
+
+def test_threads_share_the_work_by_how_long_each_was_busy(testnet):
+    testnet.open_many(1200)
+    poller = poller_in(testnet, 2)
+    poller.poll()
+    for _ in range(4):
+        poller._rebalance_at = 0
+        poller.poll()
+    # Each rebalance reads what both threads did since the last one: the helper dumped.
+    assert 0.0 <= poller.first_share <= 1.0
+    busy = ffi.new("int64_t[2]")
+    poller.poll()
+    lib.tcpi_thread_busy(poller._core, busy, 2)
+    assert busy[0] > 0 and busy[1] > 0
+
+
+def test_auto_thread_count_moves_with_hysteresis():
+    assert shares.threads_wanted(1, 2, 6e6) == 2          # slow polls: a helper joins
+    assert shares.threads_wanted(2, 2, 3e6) == 2          # between the limits: stay
+    assert shares.threads_wanted(1, 2, 3e6) == 1
+    assert shares.threads_wanted(2, 2, 1e6) == 1          # quick polls: back to one
+
+
+def test_auto_threads_switch_without_losing_or_repeating_a_connection(testnet):
+    pairs = testnet.open_many(800) + testnet.open_many(100, socket.AF_INET6)
+    with testnet.inside(testnet.ns_b):
+        poller = Poller()
+    poller.auto_threads(2, engage_ns=0, release_ns=0)      # any poll is "slow"
+    assert len(poller.poll().changes) == 900 and poller.threads == 2
+    for _ in range(3):
+        poller._rebalance_at = 0
+        idle = poller.poll()
+        assert idle.changes == [] and idle.vanished == []
+        assert idle.inet.messages + idle.inet6.messages == 900
+    poller.auto_threads(2, engage_ns=float("inf"), release_ns=float("inf"))   # any is "quick"
+    poller._adapt_at = 0
+    assert poller.poll().changes == [] and poller.threads == 1
+    client, server = pairs[0]
+    gone = cookie_of(server)
+    client.close()
+    server.close()
+    assert [v.cookie for v in poller.poll().vanished] == [gone]
+
+
+def test_the_daemon_adds_a_dump_thread_when_polls_are_slow(testnet, tmp_path, daemons):
+    _held = testnet.open_many(6000)
+    daemon = daemons(testnet, testnet.ns_a, tmp_path / "out",
+                     "-prometheusx.listen-address=127.0.0.1:9990")
+    daemon.wait_for("First poll done", timeout=30)
+    wait_until(lambda: metric(scrape(testnet, testnet.ns_a), "tcpinfo_dump_threads") == 2,
+               timeout=15)
+    assert "dumping on 2 threads" in daemon.text()
+    assert daemon.stop(timeout=30) == 0, daemon.text()

@@ -43,6 +43,8 @@ def test_include_lists_take_prefixes_and_port_ranges_and_budget_takes_a_share_or
     assert "include-port=443,9000-9099" in config.arguments
     defaults = parse([], {})
     assert defaults.destroy_events and defaults.kernel_filter and defaults.cpu_budget == 0
+    assert defaults.dump_threads == 0 == parse(["-dump-threads=auto"], {}).dump_threads   # auto
+    assert parse(["-dump-threads", "2"], {}).dump_threads == 2
 
 
 @pytest.mark.parametrize("text,value", [("010", 8), ("0x10", 16), ("0o17", 15), ("0b101", 5),
@@ -71,7 +73,8 @@ def test_reps_parses_like_go_base_zero(text, value):
     (["-cpu-budget=lots"], "cannot convert CPU budget 'lots'"),
     (["-cpu-budget=-0.5"], "must be between 0 .none. and 64 CPUs"),
     (["-destroy-events=maybe"], "invalid value 'maybe' for flag -destroy-events"),
-    (["-dump-threads=0"], "dump threads '0' must be between 1 and 16"),
+    (["-dump-threads=0"], "dump threads '0' must be auto or between 1 and 16"),
+    (["-dump-threads=many"], "many"),
     (["-uuid-prefix-file=/nonexistent/prefix"], "No such file or directory"),
     (["-nosuch"], "flag provided but not defined: -nosuch"),
     (["-reps"], "flag needs an argument: -reps"),
