@@ -43,6 +43,9 @@
 #define SKNLGRP_INET6_TCP_DESTROY 3
 #define CLOSED_KEEP_NS (60 * 1000000000LL)  /* how long a late destroy is recognised */
 #define MAX_THREADS 16
+#ifndef RING                 /* (a sanitizer build may shrink it to exercise full rings) */
+#define RING 16               /* receive buffers a helper may fill ahead of the poll thread */
+#endif
 
 /* ---- snapshot table: open addressing keyed by cookie -------------------- */
 
@@ -112,12 +115,21 @@ struct dumper {
     uint32_t buf_size;
     struct program prog[2];   /* [0] for AF_INET6, [1] for AF_INET, as in FAMILIES */
     int64_t busy_ns;          /* time spent dumping since tcpi_thread_busy last read it */
-    /* Helpers only: their replies, kept for the poll thread, which alone owns the
-     * snapshot table; [0] is the AF_INET6 dump, [1] the AF_INET one. */
-    struct arena store[2];    /* recv chunks, each preceded by its uint32_t length */
-    uint32_t store_seq[2];    /* the request each stored reply answers */
-    struct tcpi_family_stats st[2];
-    int ok[2];
+    /* Helpers only.  Each recv is handed to the poll thread, which alone owns the
+     * snapshot table, through a ring of RING buffers: the helper fills slot
+     * head % RING, the poll thread diffs slots up to head and frees them up to
+     * tail.  head and tail only grow; each has one writer and is shared through
+     * atomics, so a helper and the poll thread work on the same poll at once. */
+    uint8_t *ring[RING];
+    uint32_t ring_len[RING], ring_seq[RING];
+    uint8_t ring_family[RING];    /* family slot, as in FAMILIES */
+    uint32_t head, tail;
+    uint32_t done_job;            /* the last job whose every chunk is in the ring */
+    int sleeping;                 /* the helper waits for a free slot */
+    struct tcpi_family_stats st[2];      /* the helper's: recvs, errors, times */
+    struct tcpi_family_stats diffed[2];  /* the poll thread's count of the helper's sockets */
+    int ok[2];                    /* the helper's dumps completed (helper writes) */
+    int diff_ok[2];               /* their chunks were all diffed (poll thread writes) */
     pthread_t thread;
     uint32_t job_seen;        /* the poll job before the thread started */
     struct tcpi_core *core;
@@ -126,10 +138,14 @@ struct dumper {
 struct tcpi_core {
     struct dumper *dumpers;
     uint32_t n_dumpers;
-    pthread_mutex_t mu;       /* guards job, finished, quit */
-    pthread_cond_t go, done;
-    uint32_t job, finished;
+    pthread_mutex_t mu;       /* guards job and quit; sleeping on the conditions */
+    pthread_cond_t go;        /* a new job, or quit (helpers wait) */
+    pthread_cond_t ready;     /* a chunk handed over, or a job finished (poll thread waits) */
+    pthread_cond_t space;     /* ring slots freed (helpers wait) */
+    uint32_t job;
     int quit;
+    int source;               /* whose message the diff is at: 2 * thread + family slot */
+    int sleeping;             /* the poll thread waits for the helpers */
     uint32_t recv_size;
     uint8_t ext;
     uint32_t states;
@@ -584,9 +600,9 @@ static int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t 
     return r == (ssize_t)msg.nh.nlmsg_len ? 0 : -1;
 }
 
-static ssize_t recv_some(struct dumper *d, int *truncated)
+static ssize_t recv_some(struct dumper *d, uint8_t *buf, int *truncated)
 {
-    struct iovec iov = {d->buf, d->buf_size};
+    struct iovec iov = {buf, d->buf_size};
     struct sockaddr_nl sa;
     struct msghdr mh = {.msg_name = &sa, .msg_namelen = sizeof(sa), .msg_iov = &iov, .msg_iovlen = 1};
     ssize_t n;
@@ -679,14 +695,15 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     }
     memcpy(e->data, p, n);
     e->len = n;
-    return report(c, &c->changed, p, n, cookie, p[0], kind, 0);  /* time: see dump() */
+    /* The time is its dump's end, not known yet: the source stands in (see stamp). */
+    return report(c, &c->changed, p, n, cookie, p[0], kind, -(int64_t)c->source - 1);
 }
 
 /* What a dump does with each socket's message. */
 enum walk_mode {
     PROCESS,   /* filter, diff and report it (the poll thread only) */
     COUNT,     /* count it: the benchmark's bare loop */
-    STORE      /* nothing yet: a helper keeps the whole reply for the poll thread */
+    STREAM     /* nothing yet: a helper hands the checked chunk to the poll thread */
 };
 
 /* Before a recv's messages are diffed, asks the memory system for what they will
@@ -755,8 +772,8 @@ static int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8
             st->errno_value = -code;
             return -1;
         }
-        if (mode == STORE) {
-            /* counted when the poll thread processes the stored reply */
+        if (mode == STREAM) {
+            /* counted when the poll thread diffs the chunk */
         } else if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) {
             st->bad++;
         } else if (mode == COUNT) {
@@ -772,26 +789,127 @@ static int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8
     return 0;
 }
 
-static int store_chunk(struct arena *a, const uint8_t *p, uint32_t n)
+/* ---- dump threads ------------------------------------------------------------ */
+
+static const uint8_t FAMILIES[2] = {AF_INET6, AF_INET};
+
+/* Wakes a thread sleeping on cond, if its flag says it may be.  The sleeper sets
+ * the flag before its last look at the counters and the waker publishes before
+ * reading the flag (both sequentially consistent), so one of them sees the
+ * other: the common case costs no lock, and no wake-up is lost. */
+static void wake(struct tcpi_core *c, int *sleeping, pthread_cond_t *cond)
 {
-    uint32_t off;
-    return arena_put(a, (const uint8_t *)&n, sizeof(n), &off) < 0 || arena_put(a, p, n, &off) < 0
-               ? -1 : 0;
+    if (!__atomic_load_n(sleeping, __ATOMIC_SEQ_CST))
+        return;
+    pthread_mutex_lock(&c->mu);
+    pthread_cond_broadcast(cond);
+    pthread_mutex_unlock(&c->mu);
 }
 
-/* Stamps the records reported since `first` with the end of their family's dump,
- * as upstream stamps a family's records. */
-static void stamp(struct tcpi_core *c, uint32_t first, int64_t realtime_ns)
+static int ring_full(const struct dumper *d)
 {
-    for (uint32_t i = first; i < c->changed.n; i++)
-        c->changed.v[i].realtime_ns = realtime_ns;
+    return d->head - __atomic_load_n(&d->tail, __ATOMIC_SEQ_CST) == RING;
+}
+
+/* A helper's next empty ring buffer; waits (not counted as busy) while all are full. */
+static uint8_t *free_slot(struct tcpi_core *c, struct dumper *d, int64_t *waited)
+{
+    if (ring_full(d)) {
+        int64_t t0 = now_ns(CLOCK_MONOTONIC);
+        pthread_mutex_lock(&c->mu);
+        __atomic_store_n(&d->sleeping, 1, __ATOMIC_SEQ_CST);
+        while (ring_full(d))
+            pthread_cond_wait(&c->space, &c->mu);
+        __atomic_store_n(&d->sleeping, 0, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&c->mu);
+        *waited += now_ns(CLOCK_MONOTONIC) - t0;
+    }
+    return d->ring[d->head % RING];
+}
+
+static void hand_over(struct tcpi_core *c, struct dumper *d, int f, uint32_t n)
+{
+    uint32_t k = d->head % RING;
+    d->ring_len[k] = n;
+    d->ring_seq[k] = d->seq;
+    d->ring_family[k] = (uint8_t)f;
+    __atomic_store_n(&d->head, d->head + 1, __ATOMIC_SEQ_CST);
+    wake(c, &c->sleeping, &c->ready);
+}
+
+/* Something for the poll thread: a chunk to diff, or every helper done with the job. */
+static int helpers_moved(const struct tcpi_core *c)
+{
+    int all_done = 1;
+    for (uint32_t i = 1; i < c->n_dumpers; i++) {
+        const struct dumper *d = &c->dumpers[i];
+        if (__atomic_load_n(&d->head, __ATOMIC_SEQ_CST) != d->tail)
+            return 1;
+        all_done &= __atomic_load_n(&d->done_job, __ATOMIC_SEQ_CST) == c->job;
+    }
+    return all_done;
+}
+
+/* Diffs the chunks the helpers have handed over (poll thread only): between its
+ * own recvs, and with wait after its own dumps, until every helper is done. */
+static void diff_helpers(struct tcpi_core *c, int wait)
+{
+    for (;;) {
+        int pending = 0;
+        for (uint32_t i = 1; i < c->n_dumpers; i++) {
+            struct dumper *d = &c->dumpers[i];
+            /* done first: once it is seen, head covers every chunk of the job */
+            int done = __atomic_load_n(&d->done_job, __ATOMIC_ACQUIRE) == c->job;
+            uint32_t head = __atomic_load_n(&d->head, __ATOMIC_ACQUIRE), tail = d->tail;
+            if (tail == head) {
+                pending |= !done;
+                continue;
+            }
+            int64_t t0 = now_ns(CLOCK_MONOTONIC);
+            for (; tail != head; tail++) {
+                uint32_t k = tail % RING;
+                int f = d->ring_family[k];
+                c->source = (int)(2 * i) + f;
+                if (d->diff_ok[f] && walk(c, d->ring_seq[k], d->port_id, d->ring[k],
+                                          d->ring_len[k], &d->diffed[f], PROCESS, NULL) < 0)
+                    d->diff_ok[f] = 0;
+            }
+            __atomic_store_n(&d->tail, tail, __ATOMIC_SEQ_CST);
+            wake(c, &d->sleeping, &c->space);
+            if (wait)   /* between recvs, the poll thread's dump time already has it */
+                c->dumpers[0].busy_ns += now_ns(CLOCK_MONOTONIC) - t0;
+            pending |= !done;
+        }
+        if (!wait || !pending)
+            return;
+        pthread_mutex_lock(&c->mu);
+        __atomic_store_n(&c->sleeping, 1, __ATOMIC_SEQ_CST);
+        while (!helpers_moved(c))
+            pthread_cond_wait(&c->ready, &c->mu);
+        __atomic_store_n(&c->sleeping, 0, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&c->mu);
+    }
+}
+
+/* Gives each record the end of the dump it came in (its thread's dump of its
+ * family), as upstream stamps a family's records. */
+static void stamp(struct tcpi_core *c)
+{
+    for (uint32_t i = 0; i < c->changed.n; i++) {
+        struct tcpi_record *r = &c->changed.v[i];
+        int64_t source = -r->realtime_ns - 1;
+        uint32_t thread = (uint32_t)(source / 2);
+        int f = (int)(source % 2);
+        const struct tcpi_family_stats *st =
+            thread ? &c->dumpers[thread].st[f] : f ? &c->result.inet : &c->result.inet6;
+        r->realtime_ns = st->end_realtime_ns;
+    }
 }
 
 static int dump(struct tcpi_core *c, struct dumper *d, uint8_t family, uint32_t states,
                 struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count)
 {
-    int64_t t0 = now_ns(CLOCK_MONOTONIC);
-    uint32_t first = mode == PROCESS ? c->changed.n : 0;
+    int64_t t0 = now_ns(CLOCK_MONOTONIC), waited = 0;
     int f = slot_of_family(family);
     int rc = -1;
     memset(st, 0, sizeof(*st));
@@ -800,24 +918,23 @@ static int dump(struct tcpi_core *c, struct dumper *d, uint8_t family, uint32_t 
         st->errno_value = errno;
         goto out;
     }
-    if (mode == STORE) {
-        d->store[f].len = 0;
-        d->store_seq[f] = d->seq;
-    }
     for (;;) {
         int trunc;
-        ssize_t n = recv_some(d, &trunc);
+        uint8_t *buf = mode == STREAM ? free_slot(c, d, &waited) : d->buf;
+        ssize_t n = recv_some(d, buf, &trunc);
         if (n < 0 || trunc) {
             st->status = n < 0 ? TCPI_E_SYSCALL : TCPI_E_TRUNCATED;
             st->errno_value = n < 0 ? errno : EMSGSIZE;
             break;
         }
         st->recvs++;
-        int w = walk(c, d->seq, d->port_id, d->buf, (uint32_t)n, st, mode, count);
-        if (w >= 0 && mode == STORE && store_chunk(&d->store[f], d->buf, (uint32_t)n) < 0) {
-            st->status = TCPI_E_NOMEM;
-            w = -1;
-        }
+        if (mode == PROCESS)
+            c->source = f;   /* PROCESS runs on the poll thread only: thread 0 */
+        int w = walk(c, d->seq, d->port_id, buf, (uint32_t)n, st, mode, count);
+        if (w >= 0 && mode == STREAM)
+            hand_over(c, d, f, (uint32_t)n);
+        if (mode == PROCESS)
+            diff_helpers(c, 0);   /* what the helpers brought meanwhile */
         if (w != 0) {
             rc = w > 0 ? 0 : -1;
             break;
@@ -828,15 +945,9 @@ out:
         reset_socket(d);
     st->end_realtime_ns = now_ns(CLOCK_REALTIME);
     st->duration_ns = now_ns(CLOCK_MONOTONIC) - t0;
-    d->busy_ns += st->duration_ns;
-    if (mode == PROCESS)
-        stamp(c, first, st->end_realtime_ns);
+    d->busy_ns += st->duration_ns - waited;
     return rc;
 }
-
-/* ---- dump threads ------------------------------------------------------------ */
-
-static const uint8_t FAMILIES[2] = {AF_INET6, AF_INET};
 
 /* Dumps a thread's share of family slot f; a skipped family counts as done (it is
  * not this thread's), with empty stats.  Returns 1 if the share is complete. */
@@ -845,8 +956,6 @@ static int dump_share(struct tcpi_core *c, struct dumper *d, int f,
 {
     if (d->prog[f].skip) {
         memset(st, 0, sizeof(*st));
-        if (mode == STORE)
-            d->store[f].len = 0;   /* never replay a reply from before the skip */
         return 1;
     }
     return dump(c, d, FAMILIES[f], c->states, st, mode, NULL) == 0;
@@ -866,32 +975,13 @@ static void *helper_main(void *arg)
         seen = c->job;
         pthread_mutex_unlock(&c->mu);
         for (int f = 0; f < 2; f++)
-            d->ok[f] = dump_share(c, d, f, &d->st[f], STORE);
+            d->ok[f] = dump_share(c, d, f, &d->st[f], STREAM);
         pthread_mutex_lock(&c->mu);
-        c->finished++;
-        pthread_cond_signal(&c->done);
+        __atomic_store_n(&d->done_job, seen, __ATOMIC_SEQ_CST);
+        pthread_cond_broadcast(&c->ready);
     }
     pthread_mutex_unlock(&c->mu);
     return NULL;
-}
-
-/* Diffs a helper's stored reply as if it had been received here. */
-static void process_store(struct tcpi_core *c, struct dumper *d, int f,
-                          struct tcpi_family_stats *st)
-{
-    uint32_t first = c->changed.n, pos = 0;
-    const struct arena *a = &d->store[f];
-    while (pos + sizeof(uint32_t) <= a->len) {
-        uint32_t n;
-        memcpy(&n, a->data + pos, sizeof(n));
-        pos += sizeof(n);
-        if (walk(c, d->store_seq[f], d->port_id, a->data + pos, n, st, PROCESS, NULL) < 0) {
-            d->ok[f] = 0;
-            break;
-        }
-        pos += n;
-    }
-    stamp(c, first, st->end_realtime_ns);
 }
 
 /* A family's stats over all threads: counts add up, the first failure and the
@@ -913,13 +1003,17 @@ static void merge_stats(struct tcpi_family_stats *into, const struct tcpi_family
         into->duration_ns = from->duration_ns;
 }
 
-static int dumper_init(struct tcpi_core *c, struct dumper *d)
+/* A dumper with its socket; a helper (ring != 0) also gets its ring buffers. */
+static int dumper_init(struct tcpi_core *c, struct dumper *d, int ring)
 {
     memset(d, 0, sizeof(*d));
     d->fd = -1;
     d->core = c;
     d->buf_size = c->recv_size;
     d->buf = malloc(d->buf_size);
+    for (int k = 0; ring && k < RING && d->buf; k++)
+        if (!(d->ring[k] = malloc(d->buf_size)))
+            d->buf = (free(d->buf), NULL);
     if (!d->buf) {
         errno = ENOMEM;
         return -1;
@@ -934,8 +1028,8 @@ static void dumper_free(struct dumper *d)
     free(d->buf);
     free(d->prog[0].code);
     free(d->prog[1].code);
-    free(d->store[0].data);
-    free(d->store[1].data);
+    for (int k = 0; k < RING; k++)
+        free(d->ring[k]);
 }
 
 static void stop_helpers(struct tcpi_core *c)
@@ -1129,7 +1223,8 @@ struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
     c->netns = open(THREAD_NETNS, O_RDONLY | O_CLOEXEC);   /* -1 without /proc: no switching */
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->go, NULL);
-    pthread_cond_init(&c->done, NULL);
+    pthread_cond_init(&c->ready, NULL);
+    pthread_cond_init(&c->space, NULL);
     c->dumpers = calloc(1, sizeof(*c->dumpers));
     if (!c->dumpers || table_grow(&c->tbl) < 0) {
         *err = ENOMEM;
@@ -1137,7 +1232,7 @@ struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
         return NULL;
     }
     c->n_dumpers = 1;
-    if (dumper_init(c, &c->dumpers[0]) < 0) {
+    if (dumper_init(c, &c->dumpers[0], 0) < 0) {
         *err = errno;
         tcpi_core_free(c);
         return NULL;
@@ -1157,7 +1252,8 @@ void tcpi_core_free(struct tcpi_core *c)
     }
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->go);
-    pthread_cond_destroy(&c->done);
+    pthread_cond_destroy(&c->ready);
+    pthread_cond_destroy(&c->space);
     if (c->dfd >= 0)
         close(c->dfd);
     if (c->netns >= 0)
@@ -1216,7 +1312,7 @@ int tcpi_set_threads(struct tcpi_core *c, uint32_t n, int *err)
     c->dumpers = v;
     for (uint32_t i = 1; i < n; i++) {
         struct dumper *d = &c->dumpers[i];
-        int rc = dumper_init(c, d);
+        int rc = dumper_init(c, d, 1);
         d->job_seen = c->job;   /* polls only run on this thread: no lock needed */
         if (rc == 0 && (rc = pthread_create(&d->thread, NULL, helper_main, d)) != 0)
             errno = rc;
@@ -1307,10 +1403,14 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
     c->epoch++;
     reset_result(c);
     drain_destroyed(c);
+    for (uint32_t i = 1; i < c->n_dumpers; i++) {
+        struct dumper *d = &c->dumpers[i];
+        memset(d->diffed, 0, sizeof(d->diffed));
+        d->diff_ok[0] = d->diff_ok[1] = 1;
+    }
     if (c->n_dumpers > 1) {
         pthread_mutex_lock(&c->mu);
         c->job++;
-        c->finished = 0;
         pthread_cond_broadcast(&c->go);
         pthread_mutex_unlock(&c->mu);
     }
@@ -1318,21 +1418,16 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
     int ok6 = dump_share(c, d0, 0, &r->inet6, PROCESS);
     drain_destroyed(c);
     int ok4 = dump_share(c, d0, 1, &r->inet, PROCESS);
-    if (c->n_dumpers > 1) {
-        pthread_mutex_lock(&c->mu);
-        while (c->finished < c->n_dumpers - 1)
-            pthread_cond_wait(&c->done, &c->mu);
-        pthread_mutex_unlock(&c->mu);
-        for (uint32_t i = 1; i < c->n_dumpers; i++) {
-            struct dumper *d = &c->dumpers[i];
-            for (int f = 0; f < 2; f++)
-                if (d->ok[f])
-                    process_store(c, d, f, &d->st[f]);
-            merge_stats(&r->inet6, &d->st[0]);
-            merge_stats(&r->inet, &d->st[1]);
-            ok6 = ok6 && d->ok[0];
-            ok4 = ok4 && d->ok[1];
-        }
+    diff_helpers(c, 1);
+    stamp(c);   /* before the merge: each thread's own end times */
+    for (uint32_t i = 1; i < c->n_dumpers; i++) {
+        struct dumper *d = &c->dumpers[i];
+        merge_stats(&r->inet6, &d->st[0]);
+        merge_stats(&r->inet6, &d->diffed[0]);
+        merge_stats(&r->inet, &d->st[1]);
+        merge_stats(&r->inet, &d->diffed[1]);
+        ok6 = ok6 && d->ok[0] && d->diff_ok[0];
+        ok4 = ok4 && d->ok[1] && d->diff_ok[1];
     }
     /* A family no thread dumped was not seen complete: never sweep it. */
     for (int f = 0; f < 2; f++) {

@@ -74,15 +74,15 @@ def iter_text(stream: BinaryIO, name: str) -> Iterator[tuple[int, bytes]]:
     with Go's bufio.Scanner; a trailing ``\r`` is left in place (JSON treats it as whitespace).
     """
     lineno = 1
-    tail = b""
-    try:
+    tail: list[bytes] = []   # pieces of an unfinished line, joined once it ends (a line spanning
+    try:                     # many chunks stays linear)
         for chunk in _chunks(stream):
             end = chunk.rfind(b"\n") + 1
             if not end:
-                tail += chunk
+                tail.append(chunk)
                 continue
-            text = tail + chunk[:end] if tail else chunk[:end]
-            tail = chunk[end:]
+            text = b"".join((*tail, chunk[:end])) if tail else chunk[:end]
+            tail = [chunk[end:]] if end < len(chunk) else []
             yield lineno, text
             lineno += text.count(b"\n")
     except zstandard.ZstdError as exc:
@@ -90,7 +90,7 @@ def iter_text(stream: BinaryIO, name: str) -> Iterator[tuple[int, bytes]]:
     except OSError as exc:
         raise ArchiveError(name, lineno, f"read error: {exc.strerror or exc}") from None
     if tail:
-        yield lineno, tail + b"\n"
+        yield lineno, b"".join((*tail, b"\n"))
 
 
 def read_text(path: str) -> Iterator[tuple[int, bytes]]:

@@ -192,3 +192,15 @@ def test_one_million_records_convert_in_bounded_memory(tmp_path: Path) -> None:
     # The decompressed input is ~580 MB; a streaming converter stays within a few tens of MB of
     # what it needs for a thousand records (memo tables are capped; measured: +10 MiB).
     assert big_rss < small_rss + 32 * 1024, (small_rss, big_rss)
+
+
+def test_a_line_spanning_many_chunks_and_a_last_line_without_newline_are_read_whole(tmp_path):
+    from tcpinfo import archive
+    long_line = b"x" * (archive.CHUNK * 40 + 17)
+    lines = [b"first", long_line, b"", b"middle", long_line[:-5] + b"end"]
+    path = tmp_path / "long.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines)))   # no final newline
+    assert list(archive.read_archive(str(path))) == list(enumerate(lines, 1))
+    plain = tmp_path / "long.jsonl"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    assert list(archive.read_archive(str(plain))) == list(enumerate(lines, 1))

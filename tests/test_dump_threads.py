@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +30,13 @@ def reported(result) -> set[int]:
 def test_two_and_three_threads_report_exactly_what_one_thread_reports(testnet):
     pairs = testnet.open_many(1500) + testnet.open_many(300, socket.AF_INET6)
     pollers = [poller_in(testnet, n) for n in (1, 2, 3)]
-    first = [reported(p.poll()) for p in pollers]
+    before = time.time_ns()
+    results = [p.poll() for p in pollers]
+    first = [reported(r) for r in results]
     assert first[0] == first[1] == first[2] == {cookie_of(server) for _, server in pairs}
+    for result in results:   # every record carries the end of the dump it came in
+        ends = {result.inet.end_ns, result.inet6.end_ns}
+        assert all(before < c.timestamp_ns <= max(ends) for c in result.changes)
     for poller in pollers:
         poller._rebalance_at = 0       # move the shares to where the connections are
         for _ in range(3):
@@ -175,3 +183,18 @@ def test_the_daemon_adds_a_dump_thread_when_polls_are_slow(testnet, tmp_path, da
                timeout=15)
     assert "dumping on 2 threads" in daemon.text()
     assert daemon.stop(timeout=30) == 0, daemon.text()
+
+
+def test_dump_threads_have_no_data_race_under_thread_sanitizer(testnet, tmp_path):
+    """The ring between a helper and the poll thread, built with -fsanitize=thread and rings of
+    one and two buffers (so the helper also waits for room), over 1,000 real connections."""
+    native = Path(__file__).parent / "native"
+    build = Path(__file__).parent.parent / "cffi_build"
+    for ring in (1, 2):
+        exe = tmp_path / f"dump_threads_{ring}"
+        subprocess.run(["gcc", f"-DRING={ring}", "-fsanitize=thread", "-g", "-O1", "-std=gnu11",
+                        "-pthread", f"-I{build}", str(native / "dump_threads.c"),
+                        str(build / "tcpinfo_core.c"), "-o", str(exe)], check=True)
+        run = testnet.exec(testnet.ns_b, "env", "TSAN_OPTIONS=halt_on_error=1 exitcode=66",
+                           str(exe))
+        assert run.returncode == 0, run.stderr[-3000:]
