@@ -79,7 +79,8 @@ struct tcpi_destroy_stats {
 
 struct tcpi_poll_result {
     struct tcpi_record *records;   /* new or changed, in dump order (IPv6 first; with dump
-                                      threads the poll thread's, then each helper's) */
+                                      threads the helpers' interleaved with the poll
+                                      thread's, chunk by chunk) */
     uint32_t n_records;
     struct tcpi_record *vanished;  /* payload = last snapshot seen */
     uint32_t n_vanished;
@@ -117,9 +118,9 @@ int tcpi_set_program(struct tcpi_core *core, uint32_t thread, uint8_t family, in
  * helpers, each with its own netlink socket.  Each thread dumps a family with its
  * own program or skips it; together the programs must select disjoint shares that
  * cover the family (ports are the usual key: they never change).  Helpers only
- * receive; the poll thread diffs their replies after its own, so the snapshot
- * table has one owner.  The wall time of a poll then approaches 1/n of the
- * kernel's work. */
+ * receive and hand each buffer over; the poll thread diffs them between its own
+ * receives, so the snapshot table has one owner.  The wall time of a poll then
+ * approaches 1/n of the kernel's work. */
 int tcpi_set_threads(struct tcpi_core *core, uint32_t n, int *err);
 
 /* How the tracked connections of one family spread over ports, by the high byte of

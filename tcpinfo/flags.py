@@ -352,7 +352,7 @@ FLAGS: tuple[Flag, ...] = (
          "recorded. false: upstream's poll-only behaviour.", kind="bool"),
     Flag("dump-threads", "dump_threads", parse_threads,
          "Threads that dump sockets in parallel, each a share of the ports: with 2, a poll "
-         "takes about 0.65x the time for about 1.1-1.3x the CPU. auto: one thread while polls "
+         "takes about 0.6-0.67x the time for about 1.1x the CPU. auto: one thread while polls "
          "take under 5 ms, two while they take longer (with at least 2 CPUs and no "
          "-cpu-budget).", metavar="auto|int"),
     Flag("cpu-budget", "cpu_budget", parse_cpu_budget,
