@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tcpinfo import flags, metrics
+from tcpinfo import flags, metrics, shares
 from tcpinfo.anonymize import make_anonymizer
 from tcpinfo.cadence import Cadence
 from tcpinfo.collector import Collector, archive_metadata
@@ -53,6 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def usable_cpus(cgroup: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container
+    limited to one CPU sees every host CPU in its affinity mask)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        with open(cgroup) as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass   # no cgroup v2 limit to read: the affinity stands
+    return cpus
+
+
 def run(config: flags.Config) -> int:
     """Builds the collector from the configuration and runs it until it stops."""
     if config.output:
@@ -79,8 +93,10 @@ def run(config: flags.Config) -> int:
             refusal = poller.set_threads(config.dump_threads)
             if refusal:
                 log.warning("Dumping on one thread: %s", refusal)
-        elif config.dump_threads == 0 and not config.cpu_budget:
-            poller.auto_threads(min(2, len(os.sched_getaffinity(0))))
+        elif config.dump_threads == 0 and not config.cpu_budget and usable_cpus() >= 2:
+            poller.auto_threads(2)
+            log.info("Dump threads: auto (a second one while polls take over %.0f ms)",
+                     shares.ENGAGE_NS / 1e6)
         if config.destroy_events:
             poller.listen_destroyed()
             log.info("Listening for destroy notifications (receive buffer %d bytes)",

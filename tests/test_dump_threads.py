@@ -1,6 +1,7 @@
 """Parallel dumps: several threads, each a share of the ports, report what one thread reports."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -198,3 +199,14 @@ def test_dump_threads_have_no_data_race_under_thread_sanitizer(testnet, tmp_path
         run = testnet.exec(testnet.ns_b, "env", "TSAN_OPTIONS=halt_on_error=1 exitcode=66",
                            str(exe))
         assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_auto_counts_the_cpus_a_cgroup_quota_leaves(tmp_path):
+    from tcpinfo.cli import usable_cpus
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    for text, cpus in (("max 100000", affinity), ("50000 100000", 1),
+                       ("150000 100000", min(affinity, 2)), ("garbage", affinity)):
+        quota.write_text(text + "\n")
+        assert usable_cpus(str(quota)) == cpus, text
+    assert usable_cpus(str(tmp_path / "absent")) == affinity
