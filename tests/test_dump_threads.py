@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tcpinfo.netlink import Poller
-from tcpinfo import shares
+from tcpinfo import bench, shares
 from tcpinfo._native import ffi, lib
 from tcpinfo.sockfilter import Filter, compile_filter
 from daemon_helpers import metric, scrape, wait_until
@@ -176,14 +176,18 @@ def test_auto_threads_switch_without_losing_or_repeating_a_connection(testnet):
 
 
 def test_the_daemon_adds_a_dump_thread_when_polls_are_slow(testnet, tmp_path, daemons):
-    _held = testnet.open_many(6000)
-    daemon = daemons(testnet, testnet.ns_a, tmp_path / "out",
-                     "-prometheusx.listen-address=127.0.0.1:9990")
-    daemon.wait_for("First poll done", timeout=30)
-    wait_until(lambda: metric(scrape(testnet, testnet.ns_a), "tcpinfo_dump_threads") == 2,
-               timeout=15)
-    assert "dumping on 2 threads" in daemon.text()
-    assert daemon.stop(timeout=30) == 0, daemon.text()
+    # 12,000 connections (held by child processes): polls of ~15 ms here, well over auto's 5 ms
+    holders = bench.open_connections(testnet, 12000)
+    try:
+        daemon = daemons(testnet, testnet.ns_a, tmp_path / "out",
+                         "-prometheusx.listen-address=127.0.0.1:9990")
+        daemon.wait_for("First poll done", timeout=60)
+        wait_until(lambda: metric(scrape(testnet, testnet.ns_a), "tcpinfo_dump_threads") == 2,
+                   timeout=20)
+        assert "dumping on 2 threads" in daemon.text()
+        assert daemon.stop(timeout=60) == 0, daemon.text()
+    finally:
+        bench.close_connections(holders)
 
 
 def test_dump_threads_have_no_data_race_under_thread_sanitizer(testnet, tmp_path):
