@@ -891,6 +891,12 @@ static void diff_helpers(struct tcpi_core *c, int wait)
     }
 }
 
+/* The poll thread's own stats for family slot f. */
+static struct tcpi_family_stats *own_stats(struct tcpi_core *c, int f)
+{
+    return f ? &c->result.inet : &c->result.inet6;
+}
+
 /* Gives each record the end of the dump it came in (its thread's dump of its
  * family), as upstream stamps a family's records. */
 static void stamp(struct tcpi_core *c)
@@ -900,8 +906,7 @@ static void stamp(struct tcpi_core *c)
         int64_t source = -r->realtime_ns - 1;
         uint32_t thread = (uint32_t)(source / 2);
         int f = (int)(source % 2);
-        const struct tcpi_family_stats *st =
-            thread ? &c->dumpers[thread].st[f] : f ? &c->result.inet : &c->result.inet6;
+        const struct tcpi_family_stats *st = thread ? &c->dumpers[thread].st[f] : own_stats(c, f);
         r->realtime_ns = st->end_realtime_ns;
     }
 }
@@ -945,7 +950,8 @@ out:
         reset_socket(d);
     st->end_realtime_ns = now_ns(CLOCK_REALTIME);
     st->duration_ns = now_ns(CLOCK_MONOTONIC) - t0;
-    d->busy_ns += st->duration_ns - waited;
+    if (mode != COUNT)   /* benchmarks and audits are not a poll's work */
+        d->busy_ns += st->duration_ns - waited;
     return rc;
 }
 
@@ -1010,11 +1016,10 @@ static int dumper_init(struct tcpi_core *c, struct dumper *d, int ring)
     d->fd = -1;
     d->core = c;
     d->buf_size = c->recv_size;
-    d->buf = malloc(d->buf_size);
-    for (int k = 0; ring && k < RING && d->buf; k++)
-        if (!(d->ring[k] = malloc(d->buf_size)))
-            d->buf = (free(d->buf), NULL);
-    if (!d->buf) {
+    int ok = (d->buf = malloc(d->buf_size)) != NULL;
+    for (int k = 0; ring && ok && k < RING; k++)
+        ok = (d->ring[k] = malloc(d->buf_size)) != NULL;
+    if (!ok) {   /* the caller's dumper_free releases what was allocated */
         errno = ENOMEM;
         return -1;
     }
@@ -1399,48 +1404,42 @@ void tcpi_forget_all(struct tcpi_core *c)
 
 int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
 {
-    struct tcpi_poll_result *r = &c->result;
     c->epoch++;
     reset_result(c);
     drain_destroyed(c);
-    for (uint32_t i = 1; i < c->n_dumpers; i++) {
-        struct dumper *d = &c->dumpers[i];
-        memset(d->diffed, 0, sizeof(d->diffed));
-        d->diff_ok[0] = d->diff_ok[1] = 1;
-    }
     if (c->n_dumpers > 1) {
+        for (uint32_t i = 1; i < c->n_dumpers; i++) {
+            struct dumper *d = &c->dumpers[i];
+            memset(d->diffed, 0, sizeof(d->diffed));
+            d->diff_ok[0] = d->diff_ok[1] = 1;
+        }
         pthread_mutex_lock(&c->mu);
         c->job++;
         pthread_cond_broadcast(&c->go);
         pthread_mutex_unlock(&c->mu);
     }
     struct dumper *d0 = &c->dumpers[0];
-    int ok6 = dump_share(c, d0, 0, &r->inet6, PROCESS);
+    int ok[2];
+    ok[0] = dump_share(c, d0, 0, own_stats(c, 0), PROCESS);
     drain_destroyed(c);
-    int ok4 = dump_share(c, d0, 1, &r->inet, PROCESS);
+    ok[1] = dump_share(c, d0, 1, own_stats(c, 1), PROCESS);
     diff_helpers(c, 1);
     stamp(c);   /* before the merge: each thread's own end times */
-    for (uint32_t i = 1; i < c->n_dumpers; i++) {
-        struct dumper *d = &c->dumpers[i];
-        merge_stats(&r->inet6, &d->st[0]);
-        merge_stats(&r->inet6, &d->diffed[0]);
-        merge_stats(&r->inet, &d->st[1]);
-        merge_stats(&r->inet, &d->diffed[1]);
-        ok6 = ok6 && d->ok[0] && d->diff_ok[0];
-        ok4 = ok4 && d->ok[1] && d->diff_ok[1];
-    }
-    /* A family no thread dumped was not seen complete: never sweep it. */
     for (int f = 0; f < 2; f++) {
-        int dumped = 0;
-        for (uint32_t i = 0; i < c->n_dumpers; i++)
-            dumped |= !c->dumpers[i].prog[f].skip;
-        if (!dumped)
-            *(f == 0 ? &ok6 : &ok4) = 0;
+        int dumped = !d0->prog[f].skip;
+        for (uint32_t i = 1; i < c->n_dumpers; i++) {
+            struct dumper *d = &c->dumpers[i];
+            merge_stats(own_stats(c, f), &d->st[f]);
+            merge_stats(own_stats(c, f), &d->diffed[f]);
+            ok[f] = ok[f] && d->ok[f] && d->diff_ok[f];
+            dumped |= !d->prog[f].skip;
+        }
+        ok[f] = ok[f] && dumped;   /* a family no thread dumped was not seen complete */
     }
     drain_destroyed(c);
-    sweep(c, ok6, ok4, now_ns(CLOCK_REALTIME));
+    sweep(c, ok[0], ok[1], now_ns(CLOCK_REALTIME));
     publish(c, out);
-    return (ok4 || ok6) ? 0 : -1;
+    return (ok[0] || ok[1]) ? 0 : -1;
 }
 
 int tcpi_drain(struct tcpi_core *c, struct tcpi_poll_result **out)
@@ -1495,11 +1494,7 @@ int tcpi_check_bytecode(struct tcpi_core *c, uint32_t thread, uint8_t family)
     int64_t count = 0;
     if (thread >= c->n_dumpers || (family != AF_INET && family != AF_INET6))
         return EINVAL;
-    struct dumper *d = &c->dumpers[thread];
-    int64_t busy = d->busy_ns;   /* an audit is not dump work */
-    int rc = dump(c, d, family, 0, &st, COUNT, &count);
-    d->busy_ns = busy;
-    if (rc == 0)
+    if (dump(c, &c->dumpers[thread], family, 0, &st, COUNT, &count) == 0)
         return 0;
     return st.errno_value ? st.errno_value : EPROTO;
 }

@@ -200,8 +200,7 @@ int tcpi_check_bytecode(struct tcpi_core *core, uint32_t thread, uint8_t family)
 
 /* The kernel's floor, for benchmarks: the same request and receive loop (thread
  * 0's socket and program for the family, even if it skips it), only counting
- * messages.  Returns the count, or -1 with
- * *err = errno. */
+ * messages.  Returns the count, or -1 with *err = errno. */
 int64_t tcpi_count_dump(struct tcpi_core *core, uint8_t family, int *err);
 
 /* ---- csvtool: rows of upstream's CSV (tcpinfo_csv.c) ----------------------

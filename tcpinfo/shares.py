@@ -9,9 +9,9 @@ does not serialize, and every family it dumps at all costs it one walk.  The pla
     more evenly;
   * gives a small family whole to the poll thread, so that the helpers skip it and save a walk;
   * gives the poll thread `first_share` of each split family, the helpers the rest in equal parts.
-    The poll thread also diffs what the helpers bring, after its own dumps, so its fair share is
-    below 1/n by an amount that depends on the kernel and the machine: `rebalanced` finds it from
-    how long each thread was busy.
+    The poll thread also diffs every buffer the helpers hand over, between its own receives, so
+    its fair share is below 1/n by an amount that depends on the kernel and the machine:
+    `rebalanced` finds it from how long each thread was busy.
 """
 from __future__ import annotations
 
