@@ -42,6 +42,8 @@
 #define SKNLGRP_INET_TCP_DESTROY 1
 #define SKNLGRP_INET6_TCP_DESTROY 3
 #define CLOSED_KEEP_NS (60 * 1000000000LL)  /* how long a late destroy is recognised */
+#define TIMER_TIMEWAIT 3      /* idiag_timer of a time-wait socket, and of nothing else */
+#define TUPLE_LEN 37          /* family, then idiag_sport, dport, src and dst */
 #define MAX_THREADS 16
 #ifndef RING                 /* (a sanitizer build may shrink it to exercise full rings) */
 #define RING 16               /* receive buffers a helper may fill ahead of the poll thread */
@@ -54,9 +56,15 @@ enum fate {
     LIVE = 0,      /* seen by polls; data holds the last payload */
     FINISHED = 1,  /* its destroy notification was recorded: a time-wait remnant
                       with the same cookie is ignored until the dumps lose it */
-    CLOSED = 2     /* reported vanished by a poll; kept (without data) for
+    CLOSED = 2,    /* reported vanished by a poll; kept (without data) for
                       CLOSED_KEEP_NS so that a late notification is not taken for
                       a new connection */
+    HELD = 3,      /* a time-wait socket under a cookie never seen alive: probably the
+                      remnant of a short flow whose notification is on its way; data
+                      holds it, unreported, until that notification claims it (then
+                      REMNANT) or the grace ends (then it is new, as upstream has it) */
+    REMNANT = 4    /* the time-wait remnant of a short flow, under a cookie of its own:
+                      ignored until the dumps lose it */
 };
 
 struct entry {
@@ -67,7 +75,8 @@ struct entry {
     uint8_t family;
     uint8_t used;
     uint8_t fate;      /* enum fate */
-    int64_t since_ns;  /* LIVE: first poll that missed it (0: seen); CLOSED: closing time */
+    int64_t since_ns;  /* LIVE: first poll that missed it (0: seen); CLOSED: closing time;
+                          HELD: when a dump first showed it */
 };
 
 /* An address prefix, matched as inet_diag bytecode's host condition does. */
@@ -160,6 +169,7 @@ struct tcpi_core {
     int dfd;                /* destroy listener, -1 if none */
     int64_t grace_ns;
     struct table tbl;
+    struct table shortflows;  /* 4-tuples of recent short flows (see remember_short) */
     struct arena arena;
     struct recvec changed, gone, destroyed;
     struct tcpi_poll_result result;
@@ -637,6 +647,113 @@ static struct entry *table_get(struct table *t, uint64_t cookie, int *created)
     return e;
 }
 
+/* Keeps a copy of the socket's message in its entry. */
+static int store(struct entry *e, const uint8_t *p, uint32_t n)
+{
+    if (n > e->cap) {
+        uint8_t *nd = realloc(e->data, n);
+        if (!nd)
+            return -1;
+        e->data = nd;
+        e->cap = n;
+    }
+    memcpy(e->data, p, n);
+    e->len = n;
+    return 0;
+}
+
+static void drop_data(struct entry *e)
+{
+    free(e->data);
+    e->data = NULL;
+    e->len = e->cap = 0;
+}
+
+/* ---- time-wait remnants of short flows ------------------------------------ */
+
+/* A connection that closes first leaves a FIN_WAIT2 time-wait remnant, which takes
+ * over the socket's cookie only if one was made while the socket lived: when no
+ * dump asked for it, the kernel mints the remnant a cookie of its own when a dump
+ * first shows it, and another one for the dying socket's destroy notification (the
+ * short flow).  The two then share nothing but the 4-tuple, so the core remembers
+ * the 4-tuples of recent short flows (shortflows, keyed by a 64-bit FNV-1a of the
+ * family, ports and addresses: a false match needs a lost notification and a
+ * collision among the few tuples remembered at once).  Time-wait sockets that
+ * appear under a new cookie are held back until their short flow claims them. */
+
+static uint64_t tuple_key(const uint8_t *idm)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    h = (h ^ idm[0]) * 0x100000001b3ull;            /* family */
+    for (int i = 4; i < 40; i++)                     /* sport, dport, src, dst */
+        h = (h ^ idm[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static int remember_short(struct tcpi_core *c, const uint8_t *idm)
+{
+    int created;
+    struct entry *e = table_get(&c->shortflows, tuple_key(idm), &created);
+    if (!e)
+        return -1;
+    e->epoch = c->epoch;
+    e->since_ns = now_ns(CLOCK_MONOTONIC);
+    return 0;
+}
+
+static int recently_short(struct tcpi_core *c, const uint8_t *idm)
+{
+    return table_find(&c->shortflows, tuple_key(idm))->used;
+}
+
+/* A remnant's short flow is known: ignore the remnant until the dumps lose it. */
+static void settle_remnant(struct tcpi_core *c, struct entry *e)
+{
+    drop_data(e);
+    e->fate = REMNANT;
+    c->result.destroy.remnants++;
+}
+
+/* Forgets the short flows whose remnants have had time to appear: the first dump
+ * after the notification shows one, so two polls and twice the grace are plenty. */
+static void forget_shortflows(struct tcpi_core *c, int64_t now)
+{
+    struct table *t = &c->shortflows;
+    for (uint32_t i = 0; t->count && i < t->cap;) {
+        const struct entry *e = &t->slots[i];
+        if (e->used && c->epoch - e->epoch >= 2 && now - e->since_ns >= 2 * c->grace_ns)
+            table_delete_at(t, i);   /* slot i now holds a shifted entry: re-examine */
+        else
+            i++;
+    }
+}
+
+/* A time-wait socket first seen under a cookie of its own, while destroy
+ * notifications are heard.  A recent short flow's remnant is ignored for its whole
+ * life; any other is held back, unreported, for the grace (see sweep). */
+static int hold_timewait(struct tcpi_core *c, const uint8_t *p, uint32_t n, uint64_t cookie)
+{
+    int created;
+    struct entry *e = table_get(&c->tbl, cookie, &created);
+    if (!e)
+        return -1;
+    e->family = p[0];
+    e->epoch = c->epoch;
+    if (recently_short(c, p)) {
+        settle_remnant(c, e);
+        return 0;
+    }
+    if (store(e, p, n) < 0) {
+        table_delete_at(&c->tbl, (uint32_t)(e - c->tbl.slots));
+        return -1;
+    }
+    e->fate = HELD;
+    e->since_ns = now_ns(CLOCK_REALTIME);
+    return 0;
+}
+
+/* ---- the diff ------------------------------------------------------------- */
+
 /* Handles one inet_diag message of the dump. */
 static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
                      struct tcpi_family_stats *st)
@@ -654,8 +771,14 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     uint64_t cookie = cookie_of(p);
     struct entry *e = table_find(&c->tbl, cookie);
     uint8_t kind;
-    if (e->used && e->fate == FINISHED) {
+    if (e->used && (e->fate == FINISHED || e->fate == REMNANT)) {
         e->epoch = c->epoch;   /* the time-wait remnant of a connection already closed */
+        return 0;
+    }
+    if (e->used && e->fate == HELD) {
+        e->epoch = c->epoch;
+        if (recently_short(c, p))
+            settle_remnant(c, e);
         return 0;
     }
     if (e->used && e->fate == LIVE) {
@@ -671,6 +794,8 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
             st->bad++;
             return 0;
         }
+        if (!e->used && c->dfd >= 0 && p[2] == TIMER_TIMEWAIT)
+            return hold_timewait(c, p, n, cookie);
         if (!(e = table_get(&c->tbl, cookie, &created)))
             return -1;
         kind = TCPI_PREVIOUS_WAS_NIL;
@@ -686,15 +811,8 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
      * segs_out), so the vanished report still carries the last counters. */
     if (kind == TCPI_NO_CHANGE)
         return 0;
-    if (n > e->cap) {
-        uint8_t *nd = realloc(e->data, n);
-        if (!nd)
-            return -1;
-        e->data = nd;
-        e->cap = n;
-    }
-    memcpy(e->data, p, n);
-    e->len = n;
+    if (store(e, p, n) < 0)
+        return -1;
     /* The time is its dump's end, not known yet: the source stands in (see stamp). */
     return report(c, &c->changed, p, n, cookie, p[0], kind, -(int64_t)c->source - 1);
 }
@@ -1078,16 +1196,14 @@ static int on_destroyed(struct tcpi_core *c, const uint8_t *p, uint32_t n, int64
     if (e->used) {
         kind = TCPI_FINAL;
         st->final++;
-        free(e->data);
-        e->data = NULL;
-        e->len = e->cap = 0;
+        drop_data(e);
     } else {
         int created;
         if (p[6] == 0 && p[7] == 0) {   /* no peer: a socket that never connected */
             st->excluded++;
             return 0;
         }
-        if (!(e = table_get(&c->tbl, cookie, &created)))
+        if (!(e = table_get(&c->tbl, cookie, &created)) || remember_short(c, p) < 0)
             return -1;
         kind = TCPI_SHORT;
         st->shortflow++;
@@ -1148,6 +1264,22 @@ static void sweep(struct tcpi_core *c, int ok6, int ok4, int64_t now_real)
     for (uint32_t i = 0; i < c->tbl.cap;) {
         struct entry *e = &c->tbl.slots[i];
         int done = e->family == AF_INET6 ? ok6 : ok4;
+        if (e->used && e->fate == HELD && done) {
+            int gone = e->epoch != c->epoch;
+            if (!gone && now_real - e->since_ns < c->grace_ns) {
+                i++;
+                continue;
+            }
+            if (recently_short(c, e->data)) {
+                settle_remnant(c, e);
+            } else {   /* unclaimed: a connection of its own, as upstream records it */
+                if (report(c, &c->changed, e->data, e->len, e->cookie, e->family,
+                           TCPI_PREVIOUS_WAS_NIL, e->since_ns) < 0)
+                    break;
+                e->fate = LIVE;
+                e->since_ns = 0;
+            }
+        }
         if (!e->used || e->epoch == c->epoch || !done) {
             i++;
             continue;
@@ -1166,9 +1298,7 @@ static void sweep(struct tcpi_core *c, int ok6, int ok4, int64_t now_real)
             if (report(c, &c->gone, e->data, e->len, e->cookie, e->family, TCPI_NO_CHANGE,
                        now_real) < 0)
                 break;
-            free(e->data);
-            e->data = NULL;
-            e->len = e->cap = 0;
+            drop_data(e);
             if (c->dfd >= 0) {      /* wait for a late notification */
                 e->fate = CLOSED;
                 e->since_ns = now;
@@ -1178,6 +1308,7 @@ static void sweep(struct tcpi_core *c, int ok6, int ok4, int64_t now_real)
         }
         table_delete_at(&c->tbl, i);  /* slot i now holds a shifted entry: re-examine */
     }
+    forget_shortflows(c, now);
 }
 
 static void reset_result(struct tcpi_core *c)
@@ -1231,7 +1362,7 @@ struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
     pthread_cond_init(&c->ready, NULL);
     pthread_cond_init(&c->space, NULL);
     c->dumpers = calloc(1, sizeof(*c->dumpers));
-    if (!c->dumpers || table_grow(&c->tbl) < 0) {
+    if (!c->dumpers || table_grow(&c->tbl) < 0 || table_grow(&c->shortflows) < 0) {
         *err = ENOMEM;
         tcpi_core_free(c);
         return NULL;
@@ -1266,6 +1397,7 @@ void tcpi_core_free(struct tcpi_core *c)
     for (uint32_t i = 0; i < c->tbl.cap; i++)
         free(c->tbl.slots[i].data);
     free(c->tbl.slots);
+    free(c->shortflows.slots);
     free(c->dstip);
     free(c->incl_net);
     free(c->arena.data);
@@ -1400,6 +1532,8 @@ void tcpi_forget_all(struct tcpi_core *c)
         memset(&c->tbl.slots[i], 0, sizeof(c->tbl.slots[i]));
     }
     c->tbl.count = 0;
+    memset(c->shortflows.slots, 0, c->shortflows.cap * sizeof(*c->shortflows.slots));
+    c->shortflows.count = 0;
 }
 
 int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)

@@ -74,6 +74,8 @@ struct tcpi_destroy_stats {
     uint32_t late;        /* for a connection already closed by a poll, or twice */
     uint32_t bad;         /* malformed */
     uint32_t overruns;    /* ENOBUFS: the kernel dropped notifications */
+    uint32_t remnants;    /* time-wait remnants of short flows under cookies of their
+                             own, recognised by the 4-tuple and never reported */
     int32_t errno_value;  /* last unexpected receive error, 0 if none */
 };
 

@@ -254,6 +254,8 @@ class Collector:
         Called before their events are sent, so a client that sees a Close and then scrapes
         /metrics finds it counted.
         """
+        if stats.remnants:
+            metrics.TIMEWAIT_REMNANTS.inc(stats.remnants)
         if not stats.received and not stats.overruns and not stats.errno_value:
             return
         metrics.CACHE.labels(op="new").inc(stats.shortflow)

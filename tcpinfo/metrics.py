@@ -133,6 +133,10 @@ DESTROY_OVERRUNS = Counter(
     "tcpinfo_destroy_overruns_total",
     "Times the kernel reported lost destroy notifications (ENOBUFS); polls close those "
     "connections instead.")
+TIMEWAIT_REMNANTS = Counter(
+    "tcpinfo_timewait_remnants_total",
+    "FIN_WAIT2 time-wait remnants of short flows that the kernel gave cookies of their own, "
+    "recognised by their 4-tuple and not recorded as connections.")
 DUMP_THREADS = Gauge(
     "tcpinfo_dump_threads",
     "Threads dumping sockets in the latest polls (-dump-threads; auto moves between 1 and 2).")

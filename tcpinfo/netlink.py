@@ -73,6 +73,7 @@ class DestroyStats(NamedTuple):
     late: int        # for a connection a poll had already closed
     bad: int
     overruns: int    # ENOBUFS: the kernel dropped notifications (polls cover the closes)
+    remnants: int    # short flows' time-wait remnants under cookies of their own, not reported
     errno_value: int  # last unexpected receive error, 0 if none
 
 
