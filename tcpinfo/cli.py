@@ -1,8 +1,9 @@
 """`tcp-info`: the collector daemon's entry point: flags, logging, assembly and exit status.
 
-Exit status: 0 after a clean stop (SIGTERM, SIGINT, or -reps polls done) or -h; 2 for a bad flag
-or environment value; 1 when the collector cannot start (output directory, metrics port, event
-socket or netlink socket unavailable).
+Exit status: 0 after a clean stop (a stop signal, see `stopsignals`, or -reps polls done) or -h;
+2 for a bad flag or environment value; 1 when the collector cannot start (output directory,
+metrics port, event socket or netlink socket unavailable), with a message naming the flag and
+value at fault.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tcpinfo.eventsocket import EventServer, NullServer
 from tcpinfo.netlink import Poller
 from tcpinfo.saver import Limits, Saver
 from tcpinfo.sockfilter import Filter
+from tcpinfo.stopsignals import StopSignals
 from tcpinfo.uuidprefix import default_prefix
 
 log = logging.getLogger("tcp-info")
@@ -27,8 +29,21 @@ log = logging.getLogger("tcp-info")
 TRACE_FILE = "trace.pstats"
 
 
+class StartError(Exception):
+    """The collector cannot start; the message names the flag and the value at fault."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
+    stops = StopSignals()
+    stops.install()   # first: nothing may be created before a signal can stop it cleanly
+    try:
+        return _main(argv, stops)
+    finally:
+        stops.restore()
+
+
+def _main(argv: Sequence[str] | None, stops: StopSignals) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(filename)s:%(lineno)d: %(message)s",
                         datefmt="%Y/%m/%d %H:%M:%S")  # Go's log.LstdFlags|log.Lshortfile
@@ -47,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for argument in config.arguments:
         log.info("Argument %s", argument)
     try:
-        return run(config)
-    except OSError as err:
+        return run(config, stops)
+    except StartError as err:
         log.error("Cannot start: %s", err)
         return 1
 
@@ -67,19 +82,39 @@ def usable_cpus(cgroup: str = "/sys/fs/cgroup/cpu.max") -> int:
     return cpus
 
 
-def run(config: flags.Config) -> int:
-    """Builds the collector from the configuration and runs it until it stops."""
-    if config.output:
-        os.makedirs(config.output, mode=0o755, exist_ok=True)
-        os.chdir(config.output)   # as upstream: relative paths below are relative to the output
-    prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
-    if config.listen_address:
-        port = metrics.start_http_server(config.listen_address)
-        log.info("Serving metrics on port %d", port)
+def prepare_output(output: str) -> None:
+    """Creates the output directory if needed and makes it the working directory, as upstream."""
+    if not output:
+        return
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise StartError(f"-output {output!r} is not a directory")
+    try:
+        os.makedirs(output, mode=0o755, exist_ok=True)
+        os.chdir(output)   # as upstream: relative paths below are relative to the output
+    except OSError as err:
+        raise StartError(f"-output {output!r}: {err.strerror or err}") from None
+
+
+def start_metrics(listen_address: str) -> None:
+    if not listen_address:
+        return
+    try:
+        port = metrics.start_http_server(listen_address)
+    except OSError as err:
+        raise StartError(f"-prometheusx.listen-address {listen_address!r}: "
+                         f"{err.strerror or err}") from None
+    log.info("Serving metrics on port %d", port)
+
+
+def make_poller(config: flags.Config) -> Poller:
+    """The C core with the filter, dump threads and destroy listener the flags ask for."""
     sockets = Filter(local=config.exclude_local, srcports=set(config.exclude_srcport),
                      dstips=list(config.exclude_dstip), include_nets=list(config.include_ip),
                      include_ports=list(config.include_port))
-    poller = Poller(sockets)
+    try:
+        poller = Poller(sockets)
+    except OSError as err:
+        raise StartError(f"cannot open the netlink socket: {err.strerror or err}") from None
     try:
         if config.kernel_filter:
             refusal = poller.filter_in_kernel(sockets)
@@ -101,15 +136,38 @@ def run(config: flags.Config) -> int:
             poller.listen_destroyed()
             log.info("Listening for destroy notifications (receive buffer %d bytes)",
                      poller.destroy_rcvbuf())
-    except OSError:
+    except OSError as err:
         poller.close()
-        raise
-    events = (EventServer(config.eventsocket, mode=config.eventsocket_mode,
-                          queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay)
-              if config.eventsocket else NullServer())
+        raise StartError(str(err)) from None
+    return poller
+
+
+def start_events(config: flags.Config) -> EventServer | NullServer:
+    """The event socket, or a NullServer without -tcpinfo.eventsocket."""
+    path = config.eventsocket
+    if not path:
+        return NullServer()
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise StartError(f"-tcpinfo.eventsocket {path!r}: directory {parent!r} does not exist")
+    events = EventServer(path, mode=config.eventsocket_mode,
+                         queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay)
     try:
         events.start()
-    except OSError:
+    except OSError as err:
+        raise StartError(f"-tcpinfo.eventsocket {path!r}: {err.strerror or err}") from None
+    return events
+
+
+def run(config: flags.Config, stops: StopSignals) -> int:
+    """Builds the collector from the configuration and runs it until it stops."""
+    prepare_output(config.output)
+    prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
+    start_metrics(config.listen_address)
+    poller = make_poller(config)
+    try:
+        events = start_events(config)
+    except StartError:
         poller.close()
         raise
     limits = Limits(flush_size=config.flush_size, flush_age_ns=config.flush_age_ns,
@@ -118,7 +176,7 @@ def run(config: flags.Config) -> int:
     saver = Saver(os.getcwd(), prefix, limits,
                   archive_metadata(flags.format_duration(config.poll_interval_ns)))
     collector = Collector(poller, saver, events, prefix,
-                          Cadence(config.poll_interval_ns, config.cpu_budget),
+                          Cadence(config.poll_interval_ns, config.cpu_budget), stops,
                           make_anonymizer(config.anonymize_ip), frozenset(config.count_port))
     profiler = cProfile.Profile() if config.trace else None
     if profiler is not None:

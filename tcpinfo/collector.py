@@ -3,8 +3,9 @@
 The C poller hands back only the sockets that are new, changed or gone, and this loop touches only
 those, so a host with 100,000 idle connections costs Python nothing per socket per poll.  Per changed
 record the work is split, anonymize, encode and append to the saver's buffer.  Unlike upstream, which
-has no signal handling, SIGTERM and SIGINT end the loop between polls; the saver then writes every
-buffer and the event socket tells its clients every open flow closed, so nothing recorded is lost.
+has no signal handling, a stop signal (see `stopsignals`) ends the loop between polls; the saver
+then writes every buffer and the event socket tells its clients every open flow closed, so nothing
+recorded is lost.
 
 With the kernel's destroy notifications (the default), a dying socket's final tcp_info is the last
 record of its archive and its Close event is sent as soon as the notification arrives, also between
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import select
+import socket
 import struct
 import time
 
@@ -31,6 +31,7 @@ from tcpinfo.netlink import (PREVIOUS_WAS_NIL, SHORT, Change, DestroyStats, Fami
                              PollResult)
 from tcpinfo.record import encode_message
 from tcpinfo.saver import Saver
+from tcpinfo.stopsignals import StopSignals
 from tcpinfo.uuidprefix import make_uuid
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class Collector:
     """Runs polls at the target interval until told to stop, then shuts down cleanly."""
 
     def __init__(self, poller: Poller, saver: Saver, events: EventServer | NullServer, prefix: str,
-                 cadence: Cadence, anonymize: Anonymizer | None = None,
+                 cadence: Cadence, stops: StopSignals, anonymize: Anonymizer | None = None,
                  counted_ports: frozenset[int] = frozenset()) -> None:
         self._poller = poller
         self._saver = saver
@@ -101,35 +102,16 @@ class Collector:
         self._counted_ports = counted_ports
         self._port_of: dict[int, int] = {}
         self._rates = ByteRates()
-        self._stopping = False
-        # Signals write to this pair, which wakes the wait between polls at once.
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
+        self._stops = stops
         self._logged: dict[str, int] = {}
         self.polls = 0
 
-    def stop(self, *_signal_args) -> None:
-        """Ends the loop after the current poll, cutting short the wait for the next (signal handler)."""
-        self._stopping = True
-
     def run(self, reps: int = 0) -> None:
-        """Polls `reps` times (0: until SIGTERM/SIGINT), then flushes and closes everything.
-
-        The handlers stay in place during the shutdown, so a second signal cannot cut a flush short.
-        """
-        previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        previous_fd = signal.set_wakeup_fd(self._wake_w.fileno())
+        """Polls `reps` times (0: until a stop signal), then flushes and closes everything."""
         try:
             self._loop(reps)
         finally:
-            try:
-                self._shutdown()
-            finally:
-                signal.set_wakeup_fd(previous_fd)
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-                self._wake_r.close()
-                self._wake_w.close()
+            self._shutdown()
 
     def _loop(self, reps: int) -> None:
         """Go-ticker cadence: a late poll is followed at once by the next, never by a burst.
@@ -140,7 +122,7 @@ class Collector:
         scheduled = started = time.monotonic_ns()
         cpu_mark = time.process_time_ns()
         last_report_s = 0
-        while not self._stopping and (reps == 0 or self.polls < reps):
+        while not self._stops.requested and (reps == 0 or self.polls < reps):
             result = self.poll_once()
             if self.polls == 1:
                 log.info("First poll done: %d connections tracked", result.tracked)
@@ -162,12 +144,13 @@ class Collector:
     def _wait_until(self, deadline: int) -> None:
         """Sleeps until the monotonic deadline or a stop, handling destroy notifications."""
         destroy_fd = self._poller.destroy_fd
-        fds = [self._wake_r] if destroy_fd < 0 else [self._wake_r, destroy_fd]
+        wake = self._stops.wake
+        fds = [wake] if destroy_fd < 0 else [wake, destroy_fd]
         now = time.monotonic_ns()
-        while now < deadline and not self._stopping:
+        while now < deadline and not self._stops.requested:
             readable, _, _ = select.select(fds, [], [], (deadline - now) / NS)
-            if self._wake_r in readable:
-                self._wake_r.recv(4096)   # signal bytes; the handler has done its work
+            if wake in readable:
+                self._stops.clear_wake()   # signal bytes; the handler has done its work
             if destroy_fd in readable:
                 self.drain_once()
             now = time.monotonic_ns()
@@ -304,7 +287,8 @@ class Collector:
         """Closes every flow for event clients, writes every buffer, releases the kernel socket."""
         now_ns = time.time_ns()
         open_cookies = self._saver.cookies()
-        log.info("Stopping after %d polls; %d connections open, %d bytes to write", self.polls,
+        log.info("Stopping%s after %d polls; %d connections open, %d bytes to write",
+                 f" on {self._stops.name}" if self._stops.requested else "", self.polls,
                  len(open_cookies), self._saver.buffered_bytes)
         for cookie in open_cookies:
             self._events.flow_deleted(now_ns, make_uuid(self._prefix, cookie))

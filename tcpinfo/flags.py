@@ -3,15 +3,20 @@
 Upstream parses with Go's `flag` package and then `flagx.ArgsFromEnv` (UPSTREAM.md §1); scripts and
 container specs written for it must work unchanged, so this module reproduces that syntax exactly:
 `-x=v`, `-x v`, `--x`, booleans only as `-b` or `-b=value`, parsing stops at the first non-flag or
-after `--`, repeated list flags accumulate and each value is split on commas.  One deliberate
-difference: an invalid value, whether from the command line or from the environment, is an error
-(upstream silently ignores a bad environment value, so a mistyped ANONYMIZE_IP leaks addresses).
+after `--`, repeated list flags accumulate and each value is split on commas.  Deliberate
+differences, each an error where upstream goes on with a value nobody asked for: an invalid value,
+whether from the command line or from the environment (upstream silently ignores a bad environment
+value, so a mistyped ANONYMIZE_IP leaks addresses); a word left after the flags (Go ignores it, so
+`-trace true -reps=3` silently runs forever); and values beyond sane bounds (durations over 24h,
+more than 1,024 list items, a UUID prefix that cannot start a file name).
 """
 from __future__ import annotations
 
 import decimal
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +24,12 @@ from tcpinfo import metrics, sockfilter
 
 MS = 1_000_000
 SECOND = 1_000_000_000
+MAX_DURATION_NS = 24 * 3600 * SECOND   # longer would overflow timers, and means a mistake
+MAX_SIZE = 64 << 30
+MAX_LIST_ITEMS = 1024                  # per list flag: the C filter holds 1,024 networks
+MAX_QUEUE = 1_000_000
+MAX_PREFIX_BYTES = 200                 # NAME_MAX 255 minus "_<cookie>.<seq>.jsonl.zst"
+MAX_SOCKET_PATH_BYTES = 107            # sun_path holds 108 bytes with the final NUL
 
 
 class FlagError(Exception):
@@ -124,6 +135,8 @@ def parse_duration(text: str) -> int:
         raise ValueError('want a duration such as "10ms", "5s" or "10m"')
     if total < 1:
         raise ValueError("must be positive")
+    if total > MAX_DURATION_NS:
+        raise ValueError("must be at most 24h")
     return int(total)
 
 
@@ -136,7 +149,10 @@ def parse_size(text: str) -> int:
     match = _SIZE.fullmatch(text)
     if match is None or int(match[1]) == 0:
         raise ValueError('want a positive size such as "65536", "256KiB" or "64MiB"')
-    return int(match[1]) * _SIZE_UNITS[match[2]]
+    size = int(match[1]) * _SIZE_UNITS[match[2]]
+    if size > MAX_SIZE:
+        raise ValueError("must be at most 64GiB")
+    return size
 
 
 def format_size(size: int) -> str:
@@ -230,8 +246,8 @@ def parse_mode(text: str) -> int:
 def parse_queue(text: str) -> int:
     """A positive event count (Go integer syntax)."""
     value = parse_go_int(text)
-    if value < 1:
-        raise ValueError(f"queue length {text!r} must be at least 1")
+    if not 1 <= value <= MAX_QUEUE:
+        raise ValueError(f"queue length {text!r} must be between 1 and {MAX_QUEUE}")
     return value
 
 
@@ -239,19 +255,44 @@ def parse_text(text: str) -> str:
     return text
 
 
+def parse_socket_path(text: str) -> str:
+    """A Unix socket path, which the kernel limits to 107 bytes."""
+    if len(text.encode(errors="surrogateescape")) > MAX_SOCKET_PATH_BYTES:
+        raise ValueError(f"a Unix socket path is at most {MAX_SOCKET_PATH_BYTES} bytes")
+    return text
+
+
 def read_prefix_file(path: str) -> str:
-    """flagx.FileBytes: the file's bytes verbatim (a trailing newline is kept, as upstream)."""
+    """flagx.FileBytes: the file's bytes verbatim, if they can be part of a file name.
+
+    The prefix starts every archive's name, so a prefix that cannot (a '/', a control character
+    such as a trailing newline, more than MAX_PREFIX_BYTES) is refused rather than passed on to
+    fail at every write, as upstream does.  Only a regular file is read, and only as much of it
+    as a prefix may be: a FIFO or /dev/zero cannot stall or flood the start.
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            data = os.read(fd, MAX_PREFIX_BYTES + 1)
+        finally:
+            os.close(fd)
     except OSError as err:
         raise ValueError(err.strerror or str(err)) from None
+    if len(data) > MAX_PREFIX_BYTES:
+        raise ValueError(f"the prefix is longer than {MAX_PREFIX_BYTES} bytes (it starts "
+                         f"every archive's file name)")
     try:
         prefix = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("the prefix is not UTF-8 text") from None
-    if "/" in prefix or "\0" in prefix:
-        raise ValueError("the prefix names files, so it cannot contain '/' or NUL")
+    bad = next((c for c in prefix if c == "/" or not c.isprintable()), None)
+    if bad is not None:
+        hint = " (write the file without a final newline, e.g. printf %s PREFIX > FILE)" \
+            if bad == "\n" else ""
+        raise ValueError(f"the prefix contains {bad!r}, which has no place in the file names "
+                         f"it starts{hint}")
     return prefix
 
 
@@ -290,7 +331,7 @@ FLAGS: tuple[Flag, ...] = (
          "Remote (destination) IP whose connections are neither archived nor announced; an "
          "IPv4 address also matches its ::ffff: form. Repeatable and comma-separated.",
          kind="list", metavar="ip"),
-    Flag("tcpinfo.eventsocket", "eventsocket", parse_text,
+    Flag("tcpinfo.eventsocket", "eventsocket", parse_socket_path,
          "Path of the Unix socket on which open/close events are served; empty: no socket."),
     Flag("tcpinfo.eventsocket-mode", "eventsocket_mode", parse_mode,
          "Permissions of the event socket file, in octal.", metavar="mode"),
@@ -379,6 +420,8 @@ def _show(flag: Flag, value: object) -> str:
         return format_size(value)  # type: ignore[arg-type]
     if flag.parse is parse_mode:
         return f"{value:04o}"
+    if flag.parse is parse_threads:
+        return str(value or "auto")
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -426,17 +469,25 @@ def usage(prog: str = "tcp-info") -> str:
 # ---------------------------------------------------------------------------------------------
 # Parsing.
 
+def _quoted(value: str, limit: int = 60) -> str:
+    """A value for an error message: quoted, and cut short if long (a list may be kilobytes)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 def _apply(config: Config, flag: Flag, text: str) -> None:
     """Flag.Set: scalars overwrite, lists append each comma-separated item (blank items skipped)."""
     if flag.kind == "list":
         items = [item.strip() for item in text.split(",")]
-        getattr(config, flag.attr).extend(flag.parse(item) for item in items if item)
+        values = getattr(config, flag.attr)
+        values.extend(flag.parse(item) for item in items if item)
+        if len(values) > MAX_LIST_ITEMS:
+            raise ValueError(f"at most {MAX_LIST_ITEMS} values in all")
     else:
         setattr(config, flag.attr, flag.parse(text))
 
 
 def _parse_command_line(config: Config, args: Sequence[str]) -> tuple[set[str], list[str]]:
-    """Go's FlagSet.Parse: returns the names set and the ignored positional arguments."""
+    """Go's FlagSet.Parse: returns the names set and the words left after the flags."""
     given: set[str] = set()
     args = list(args)
     while args:
@@ -465,7 +516,7 @@ def _parse_command_line(config: Config, args: Sequence[str]) -> tuple[set[str], 
         try:
             _apply(config, flag, value)
         except ValueError as err:
-            raise FlagError(f"invalid value {value!r} for flag -{name}: {err}") from None
+            raise FlagError(f"invalid value {_quoted(value)} for flag -{name}: {err}") from None
         given.add(name)
     return given, args
 
@@ -485,15 +536,15 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         try:
             _apply(config, flag, value)
         except ValueError as err:
-            raise FlagError(f"invalid value {value!r} for environment variable {flag.env} "
+            raise FlagError(f"invalid value {_quoted(value)} for environment variable {flag.env} "
                             f"(flag -{flag.name}): {err}") from None
     if rest:
-        config.notes.append(f"Ignoring arguments after the flags: {' '.join(rest)}")
+        raise FlagError(f"unexpected argument {rest[0]!r}: tcp-info takes only flags")
     if config.uuid_prefix_file:
         try:
             config.uuid_prefix = read_prefix_file(config.uuid_prefix_file)
         except ValueError as err:
-            raise FlagError(f"invalid value {config.uuid_prefix_file!r} for flag "
+            raise FlagError(f"invalid value {_quoted(config.uuid_prefix_file)} for flag "
                             f"-uuid-prefix-file: {err}") from None
     if not config.flush_size <= config.conn_buffer_limit <= config.buffer_limit:
         raise FlagError("want -flush-size <= -conn-buffer-limit <= -buffer-limit")

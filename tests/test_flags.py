@@ -15,16 +15,18 @@ def test_go_syntax_single_and_double_dash_with_equals_or_separate_value():
         ("/a", 7, "netblock", "/s")
 
 
-def test_bool_flags_take_no_separate_value_so_the_next_word_ends_parsing():
-    config = parse(["-trace", "true", "-reps=3"], {})
-    assert config.trace is True and config.reps == 0
-    assert "Ignoring arguments after the flags: true -reps=3" in config.notes
+def test_bool_flags_take_no_separate_value_so_the_next_word_is_an_error_not_ignored():
+    # Go would ignore "true -reps=3" and run forever; a stray word is a mistake to report.
+    with pytest.raises(FlagError, match="unexpected argument 'true': tcp-info takes only flags"):
+        parse(["-trace", "true", "-reps=3"], {})
     assert parse(["-trace=false"], {}).trace is False
     assert parse(["-exclude-local=F"], {}).exclude_local is False
 
 
-def test_double_dash_ends_flags():
-    assert parse(["--", "-reps=3"], {}).reps == 0
+def test_double_dash_ends_flags_and_nothing_may_follow_it():
+    assert parse(["-reps=2", "--"], {}).reps == 2
+    with pytest.raises(FlagError, match="unexpected argument '-reps=3'"):
+        parse(["--", "-reps=3"], {})
 
 
 def test_list_flags_repeat_and_split_on_commas():
@@ -106,17 +108,76 @@ def test_invalid_environment_values_are_errors_not_silently_ignored(env, message
         parse([], env)
 
 
-def test_uuid_prefix_file_is_taken_verbatim_trailing_newline_included(tmp_path):
+def test_uuid_prefix_file_is_taken_verbatim(tmp_path):
     path = tmp_path / "prefix"
-    path.write_bytes(b"mlab1-abc01_1553815964\n")
-    assert parse([f"-uuid-prefix-file={path}"], {}).uuid_prefix == "mlab1-abc01_1553815964\n"
+    path.write_bytes("mlab1-abc01_1553815964 é".encode())
+    assert parse([f"-uuid-prefix-file={path}"], {}).uuid_prefix == "mlab1-abc01_1553815964 é"
 
 
-def test_a_uuid_prefix_that_would_escape_the_day_directory_is_refused(tmp_path):
+@pytest.mark.parametrize("content,message", [
+    (b"../../etc/host", "contains '/'"),
+    (b"mlab1-abc01_1553815964\n", r"contains '\\n'.*without a final newline"),
+    (b"a\tb", r"contains '\\t'"),
+    (b"x" * 201, "longer than 200 bytes"),
+    (b"\xff", "not UTF-8"),
+])
+def test_a_uuid_prefix_that_cannot_start_a_file_name_is_refused(tmp_path, content, message):
     path = tmp_path / "prefix"
-    path.write_bytes(b"../../etc/host")
-    with pytest.raises(FlagError, match="cannot contain '/'"):
+    path.write_bytes(content)
+    with pytest.raises(FlagError, match=message):
         parse([f"-uuid-prefix-file={path}"], {})
+
+
+def test_a_uuid_prefix_file_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)   # nobody writes: a blocking open would never return
+    for path in (fifo, "/dev/zero", tmp_path):
+        with pytest.raises(FlagError, match="not a regular file|Is a directory"):
+            parse([f"-uuid-prefix-file={path}"], {})
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-poll-interval=10000000h"], "must be at most 24h"),
+    (["-rotate-interval=25h"], "must be at most 24h"),
+    (["-buffer-limit=65GiB"], "must be at most 64GiB"),
+    (["-tcpinfo.eventsocket-queue=1000001"], "between 1 and 1000000"),
+    (["-tcpinfo.eventsocket=/" + "s" * 107], "at most 107 bytes"),
+    (["-exclude-dstip=" + ",".join(f"10.0.{i // 250}.{i % 250}" for i in range(1025))],
+     r"at most 1024 values in all"),
+    (["-exclude-srcport=1"] * 1025, r"at most 1024 values in all"),
+])
+def test_values_beyond_sane_bounds_are_refused_with_the_limit(argv, message):
+    with pytest.raises(FlagError, match=message) as caught:
+        parse(argv, {})
+    assert len(str(caught.value)) < 300   # a long value is cut short in the message
+
+
+def test_every_logged_argument_is_a_value_the_flag_accepts_back():
+    logged = parse(["-exclude-dstip=10.0.0.1", "-include-port=443,9000-9099",
+                    "-cpu-budget=25%"], {}).arguments
+    assert "dump-threads=auto" in logged
+    for argument in logged:
+        name, _, value = argument.partition("=")
+        if name == "uuid-prefix-file":
+            continue   # empty: no file
+        again = parse([f"-{name}={value}"], {})
+        flag = flags._BY_NAME[name]
+        assert f"{name}={flags._show(flag, getattr(again, flag.attr))}" == argument
+
+
+NASTY = ["", " ", "-1", "0", "1e400", "nan", "inf", "0x", "99999999999999999999999999",
+         "10000000h", "1.5.5", "x" * 5000, "\n", ",", ",,,", "-", "=", "🙂", "0777777",
+         "::", "[::]:99999", "1-0", "auto", "100%", "1_0", "\udcff"]
+
+
+@pytest.mark.parametrize("flag", flags.FLAGS, ids=lambda f: f.name)
+def test_no_value_of_any_flag_or_variable_escapes_as_anything_but_a_flag_error(flag):
+    for value in NASTY:
+        for argv, env in (([f"-{flag.name}={value}"], {}), ([], {flag.env: value})):
+            try:
+                parse(argv, env)
+            except FlagError:
+                pass
 
 
 def test_shell_variable_names_follow_flagx():
@@ -153,3 +214,38 @@ def test_the_daemon_exits_2_with_a_one_line_message(argv, env):
 def test_the_daemon_prints_usage_and_exits_0_for_help():
     proc = subprocess.run(["tcp-info", "-help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stderr.startswith("Usage of tcp-info:")
+
+
+def run_daemon(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["tcp-info", "-prometheusx.listen-address=", "-reps=1", *argv],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
+
+
+def test_an_event_socket_in_a_missing_directory_names_the_flag_and_the_directory(tmp_path):
+    sock = tmp_path / "missing" / "events.sock"
+    proc = run_daemon(f"-output={tmp_path / 'out'}", f"-tcpinfo.eventsocket={sock}")
+    assert proc.returncode == 1
+    assert (f"Cannot start: -tcpinfo.eventsocket '{sock}': directory "
+            f"'{tmp_path / 'missing'}' does not exist") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_output_that_is_a_file_is_named_as_not_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_daemon(f"-output={tmp_path / 'file'}")
+    assert proc.returncode == 1
+    assert f"Cannot start: -output '{tmp_path / 'file'}' is not a directory" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["stray"], {}, "unexpected argument 'stray'"),
+    ([], {"POLL_INTERVAL": "10000000h"}, "must be at most 24h"),
+    (["-exclude-dstip=" + ",".join(f"10.0.{i // 250}.{i % 250}" for i in range(1025))], {},
+     "at most 1024 values"),
+    (["-uuid-prefix-file=/dev/zero"], {}, "not a regular file"),
+])
+def test_the_daemon_refuses_unbounded_or_stray_input_in_one_line_with_exit_2(argv, env, message):
+    proc = run_daemon(*argv, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
