@@ -25,7 +25,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <poll.h>
+#include <signal.h>
 #include <unistd.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -42,6 +45,7 @@
 #define SKNLGRP_INET_TCP_DESTROY 1
 #define SKNLGRP_INET6_TCP_DESTROY 3
 #define CLOSED_KEEP_NS (60 * 1000000000LL)  /* how long a late destroy is recognised */
+#define QUEUE_MAX (64u << 20)  /* destroy notifications waiting for the poll thread */
 #define TIMER_TIMEWAIT 3      /* idiag_timer of a time-wait socket, and of nothing else */
 #define TUPLE_LEN 37          /* family, then idiag_sport, dport, src and dst */
 #define MAX_THREADS 16
@@ -103,6 +107,31 @@ struct recvec {
 };
 
 struct tcpi_core;
+
+/* Destroy notifications, read by a thread of their own as the kernel sends them.
+ * The kernel drops what does not fit the listener's receive buffer (capped by
+ * net.core.rmem_max without CAP_NET_ADMIN: 416 KB on a default host, a few
+ * hundred notifications), and the poll thread may be busy for longer than that
+ * lasts under heavy churn; the reader only copies each one into this queue, which
+ * the poll thread empties whenever it handles notifications.  Each queued item is
+ * a struct queued header followed by the bytes of one recv. */
+struct queued {
+    uint32_t len;
+    int64_t realtime_ns;      /* when the reader received it */
+};
+
+struct dqueue {
+    pthread_t thread;
+    int running;
+    int wake_fd;              /* eventfd, readable while items wait (polls wait on it) */
+    int stop_fd[2];           /* a pipe that ends the reader */
+    pthread_mutex_t mu;       /* guards the fields below */
+    uint8_t *buf;             /* queued items */
+    uint32_t len, cap;
+    uint32_t overruns;        /* ENOBUFS, and items dropped for lack of room */
+    uint32_t bad;             /* recvs not from the kernel, or truncated */
+    int32_t errno_value;      /* last unexpected receive error */
+};
 
 /* What one thread asks of one family: a bytecode program (INET_DIAG_REQ_BYTECODE,
  * allocated aligned; NULL: none), or nothing at all (skip: another thread dumps the
@@ -167,6 +196,9 @@ struct tcpi_core {
     int any_incl_port;
     int netns;              /* the network namespace the core was made in, -1 unknown */
     int dfd;                /* destroy listener, -1 if none */
+    struct dqueue dq;       /* what its reader thread received */
+    uint8_t *taken;         /* the queue's items being handled (swapped with dq.buf) */
+    uint32_t taken_cap;
     int64_t grace_ns;
     struct table tbl;
     struct table shortflows;  /* 4-tuples of recent short flows (see remember_short) */
@@ -1214,47 +1246,142 @@ static int on_destroyed(struct tcpi_core *c, const uint8_t *p, uint32_t n, int64
     return report(c, &c->destroyed, p, n, cookie, p[0], kind, now_real);
 }
 
-/* Reads every pending destroy notification without blocking. */
+/* Appends one recv to the queue (lock held); 0 if there is no room. */
+static int enqueue(struct dqueue *q, const uint8_t *p, uint32_t n, int64_t realtime_ns)
+{
+    uint32_t need = (uint32_t)sizeof(struct queued) + n;
+    if (q->len + need > q->cap) {
+        uint32_t ncap = q->cap ? q->cap : 65536;
+        while (ncap < q->len + need)
+            ncap *= 2;
+        if (ncap > QUEUE_MAX)
+            return 0;
+        uint8_t *nb = realloc(q->buf, ncap);
+        if (!nb)
+            return 0;
+        q->buf = nb;
+        q->cap = ncap;
+    }
+    struct queued h = {n, realtime_ns};
+    memcpy(q->buf + q->len, &h, sizeof(h));
+    memcpy(q->buf + q->len + sizeof(h), p, n);
+    q->len += need;
+    return 1;
+}
+
+/* The reader thread: waits for notifications and queues every one at once. */
+static void *destroy_reader(void *arg)
+{
+    struct tcpi_core *c = arg;
+    struct dqueue *q = &c->dq;
+    uint8_t *buf = malloc(c->recv_size);
+    struct pollfd fds[2] = {{.fd = c->dfd, .events = POLLIN}, {.fd = q->stop_fd[0], .events = POLLIN}};
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);   /* signals are the Python thread's */
+    while (buf) {
+        if (poll(fds, 2, -1) < 0 && errno != EINTR)
+            break;
+        if (fds[1].revents)
+            break;
+        for (;;) {
+            struct sockaddr_nl sa;
+            struct iovec iov = {buf, c->recv_size};
+            struct msghdr mh = {.msg_name = &sa, .msg_namelen = sizeof(sa), .msg_iov = &iov,
+                                .msg_iovlen = 1};
+            ssize_t n = recvmsg(c->dfd, &mh, MSG_DONTWAIT);
+            int e = n < 0 ? errno : 0;
+            if (e == EINTR)
+                continue;
+            if (e == EAGAIN || e == EWOULDBLOCK)
+                break;
+            pthread_mutex_lock(&q->mu);
+            int was_empty = q->len == 0;
+            if (e == ENOBUFS)                   /* the kernel dropped notifications */
+                q->overruns++;
+            else if (e)
+                q->errno_value = e;
+            else if (sa.nl_pid != 0 || (mh.msg_flags & MSG_TRUNC))
+                q->bad++;
+            else if (!enqueue(q, buf, (uint32_t)n, now_ns(CLOCK_REALTIME)))
+                q->overruns++;
+            int wake = was_empty && q->len > 0;
+            pthread_mutex_unlock(&q->mu);
+            if (wake)
+                (void)!write(q->wake_fd, &(uint64_t){1}, sizeof(uint64_t));
+            if (e && e != ENOBUFS)
+                break;
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+/* Handles every queued destroy notification. */
 static void drain_destroyed(struct tcpi_core *c)
 {
-    if (c->dfd < 0)
+    struct dqueue *q = &c->dq;
+    if (!q->running)
         return;
     struct tcpi_destroy_stats *st = &c->result.destroy;
-    for (;;) {
-        struct sockaddr_nl sa;
-        struct dumper *d = &c->dumpers[0];   /* its buffer is free between dumps */
-        struct iovec iov = {d->buf, d->buf_size};
-        struct msghdr mh = {.msg_name = &sa, .msg_namelen = sizeof(sa), .msg_iov = &iov,
-                            .msg_iovlen = 1};
-        ssize_t n = recvmsg(c->dfd, &mh, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == ENOBUFS) {    /* notifications were lost: polls cover them */
-                st->overruns++;
-                continue;
-            }
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                st->errno_value = errno;
-            return;
-        }
-        if (sa.nl_pid != 0 || (mh.msg_flags & MSG_TRUNC)) {
-            st->bad++;
-            continue;
-        }
-        int64_t now_real = now_ns(CLOCK_REALTIME);
-        for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) <= (uint32_t)n;) {
-            const struct nlmsghdr *h = (const struct nlmsghdr *)(d->buf + pos);
-            if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > (uint32_t)n - pos) {
+    uint64_t ignored;
+    pthread_mutex_lock(&q->mu);
+    uint8_t *items = q->buf;
+    uint32_t len = q->len, cap = q->cap;
+    q->buf = c->taken;            /* the reader fills the other buffer meanwhile */
+    q->cap = c->taken_cap;
+    q->len = 0;
+    st->overruns += q->overruns;
+    st->bad += q->bad;
+    if (q->errno_value)
+        st->errno_value = q->errno_value;
+    q->overruns = q->bad = 0;
+    q->errno_value = 0;
+    (void)!read(q->wake_fd, &ignored, sizeof(ignored));   /* empty now: not readable */
+    pthread_mutex_unlock(&q->mu);
+    c->taken = items;
+    c->taken_cap = cap;
+    for (uint32_t at = 0; at < len;) {
+        struct queued h;
+        memcpy(&h, items + at, sizeof(h));
+        const uint8_t *b = items + at + sizeof(h);
+        for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) <= h.len;) {
+            const struct nlmsghdr *m = (const struct nlmsghdr *)(b + pos);
+            if (m->nlmsg_len < sizeof(*m) || m->nlmsg_len > h.len - pos) {
                 st->bad++;
                 break;
             }
-            if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY &&
-                on_destroyed(c, (const uint8_t *)(h + 1), h->nlmsg_len - sizeof(*h), now_real) < 0)
+            if (m->nlmsg_type == SOCK_DIAG_BY_FAMILY &&
+                on_destroyed(c, (const uint8_t *)(m + 1), m->nlmsg_len - sizeof(*m),
+                             h.realtime_ns) < 0)
                 st->errno_value = ENOMEM;
-            pos += NLMSG_ALIGN(h->nlmsg_len);
+            pos += NLMSG_ALIGN(m->nlmsg_len);
         }
+        at += (uint32_t)sizeof(h) + h.len;
     }
+}
+
+/* Stops the reader thread and closes the listener. */
+static void destroy_stop(struct tcpi_core *c)
+{
+    struct dqueue *q = &c->dq;
+    if (q->running) {
+        (void)!write(q->stop_fd[1], "x", 1);
+        pthread_join(q->thread, NULL);
+        q->running = 0;
+    }
+    for (int i = 0; i < 2; i++)
+        if (q->stop_fd[i] >= 0)
+            close(q->stop_fd[i]);
+    if (q->wake_fd >= 0)
+        close(q->wake_fd);
+    if (c->dfd >= 0)
+        close(c->dfd);
+    q->stop_fd[0] = q->stop_fd[1] = q->wake_fd = c->dfd = -1;
+    free(q->buf);
+    free(c->taken);
+    q->buf = c->taken = NULL;
+    q->len = q->cap = c->taken_cap = 0;
 }
 
 /* After the dumps: connections of a completed family that were not seen. */
@@ -1356,6 +1483,8 @@ struct tcpi_core *tcpi_core_new(uint32_t recv_size, int *err)
     c->states = 0x0F37;
     c->exclude_local = 1;
     c->dfd = -1;
+    c->dq.wake_fd = c->dq.stop_fd[0] = c->dq.stop_fd[1] = -1;
+    pthread_mutex_init(&c->dq.mu, NULL);
     c->netns = open(THREAD_NETNS, O_RDONLY | O_CLOEXEC);   /* -1 without /proc: no switching */
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->go, NULL);
@@ -1390,8 +1519,8 @@ void tcpi_core_free(struct tcpi_core *c)
     pthread_cond_destroy(&c->go);
     pthread_cond_destroy(&c->ready);
     pthread_cond_destroy(&c->space);
-    if (c->dfd >= 0)
-        close(c->dfd);
+    destroy_stop(c);
+    pthread_mutex_destroy(&c->dq.mu);
     if (c->netns >= 0)
         close(c->netns);
     for (uint32_t i = 0; i < c->tbl.cap; i++)
@@ -1586,15 +1715,17 @@ int tcpi_drain(struct tcpi_core *c, struct tcpi_poll_result **out)
 
 int tcpi_destroy_listen(struct tcpi_core *c, uint32_t rcvbuf, int64_t grace_ns, int *err)
 {
+    struct dqueue *q = &c->dq;
     if (c->dfd >= 0) {
         c->grace_ns = grace_ns;
-        return c->dfd;
+        return q->wake_fd;
     }
     int fd = netns_socket(c, SOCK_NONBLOCK);
     struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
     int groups[] = {SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY};
     if (fd < 0)
         goto fail;
+    c->dfd = fd;
     int size = (int)(rcvbuf > INT32_MAX / 2 ? INT32_MAX / 2 : rcvbuf);
     if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));  /* capped by rmem_max */
@@ -1603,13 +1734,20 @@ int tcpi_destroy_listen(struct tcpi_core *c, uint32_t rcvbuf, int64_t grace_ns, 
     for (int i = 0; i < 2; i++)
         if (setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &groups[i], sizeof(int)) < 0)
             goto fail;
-    c->dfd = fd;
+    if ((q->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
+        pipe2(q->stop_fd, O_CLOEXEC) < 0)
+        goto fail;
+    int rc = pthread_create(&q->thread, NULL, destroy_reader, c);
+    if (rc != 0) {
+        errno = rc;
+        goto fail;
+    }
+    q->running = 1;
     c->grace_ns = grace_ns;
-    return fd;
+    return q->wake_fd;
 fail:
     *err = errno;
-    if (fd >= 0)
-        close(fd);
+    destroy_stop(c);
     return -1;
 }
 

@@ -73,7 +73,8 @@ struct tcpi_destroy_stats {
     uint32_t excluded;    /* filtered out, or without a peer (never connected) */
     uint32_t late;        /* for a connection already closed by a poll, or twice */
     uint32_t bad;         /* malformed */
-    uint32_t overruns;    /* ENOBUFS: the kernel dropped notifications */
+    uint32_t overruns;    /* notifications lost: ENOBUFS (the kernel's buffer was full),
+                             or the core's 64 MiB queue was full */
     uint32_t remnants;    /* time-wait remnants of short flows under cookies of their
                              own, recognised by the 4-tuple and never reported */
     int32_t errno_value;  /* last unexpected receive error, 0 if none */
@@ -158,11 +159,14 @@ int tcpi_poll(struct tcpi_core *core, struct tcpi_poll_result **out);
 /* Subscribes to the sock_diag TCP destroy groups (IPv4 and IPv6; no privileges
  * needed), so that the kernel's final tcp_info of every socket is recorded as it
  * dies.  rcvbuf: the receive buffer wanted (SO_RCVBUFFORCE when permitted, else
- * SO_RCVBUF up to net.core.rmem_max).  A connection missing from a completed dump
- * is then reported vanished only after grace_ns without a notification (the
- * kernel sends it from a work queue, and a socket that the application still holds
- * in CLOSE state leaves the dump before it is destroyed).  Returns the socket's
- * descriptor, to wait on between polls, or -1 with *err = errno. */
+ * SO_RCVBUF up to net.core.rmem_max).  A thread of the core reads the notifications
+ * as they come and queues them (up to 64 MiB) for the poll thread, so that the
+ * kernel's buffer never waits for a busy poll.  A connection missing from a
+ * completed dump is then reported vanished only after grace_ns without a
+ * notification (the kernel sends it from a work queue, and a socket that the
+ * application still holds in CLOSE state leaves the dump before it is destroyed).
+ * Returns a descriptor that is readable while notifications wait, to wait on
+ * between polls, or -1 with *err = errno. */
 int tcpi_destroy_listen(struct tcpi_core *core, uint32_t rcvbuf, int64_t grace_ns, int *err);
 /* The receive buffer the kernel granted the destroy listener (bytes), 0 if none. */
 uint32_t tcpi_destroy_rcvbuf(struct tcpi_core *core);

@@ -291,6 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("saver", help="end-to-end records/s: split, encode, compress, write")
     w.add_argument("-n", "--records", type=int, default=300_000)
     w.add_argument("--anonymize", action="store_true")
+    ch = sub.add_parser("churn", help="highest rate of new connections that is fully recorded")
+    ch.add_argument("--rates", default="500,1000,2000,4000", metavar="R1,R2,...",
+                    help="new connections per second to try, in turn")
+    ch.add_argument("-s", "--seconds", type=float, default=10.0, help="per rate")
+    ch.add_argument("-w", "--workers", type=int, default=4, help="client processes")
+    ch.add_argument("--same-host", action="store_true",
+                    help="clients beside the server: the collector sees both ends")
+    ch.add_argument("--hold", type=float, default=0.0, metavar="MS",
+                    help="how long each client keeps its connection open (default 0)")
+    ch.add_argument("--no-caps", action="store_true",
+                    help="run tcp-info without capabilities, as a container does")
+    ch.add_argument("flags", nargs="*", help="tcp-info flags, after --")
     args = ap.parse_args(argv)
     if args.what == "csvtool":
         from tcpinfo import bench_csvtool
@@ -303,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("tcpinfo-bench: needs root to create network namespaces", file=sys.stderr)
         return 2
+    if args.what == "churn":
+        from tcpinfo import bench_churn
+        rates = [float(r) for r in args.rates.split(",")]
+        print(bench_churn.run(rates, args.seconds, args.workers, args.flags, args.same_host,
+                              args.hold / 1e3, args.no_caps))
     if args.what == "daemon":
         print(bench_daemon(args.connections, args.seconds, args.flags))
     if args.what == "poll":

@@ -1,8 +1,12 @@
 """The kernel's destroy notifications: final records, short flows, and what polls still close."""
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 from tcpinfo.inetdiag import split_message
@@ -145,23 +149,44 @@ def test_without_a_listener_a_closed_connection_vanishes_at_the_next_poll(testne
     assert cookie in {c.cookie for c in result.vanished} and result.destroyed == []
 
 
+# A poller in a process of its own, so that the test can stop it (reader thread included)
+# while the kernel sends notifications; it reports what it saw as JSON lines.
+STOPPABLE_POLLER = """
+import json, sys, time
+from tcpinfo.netlink import Poller
+poller = Poller()
+poller.listen_destroyed(rcvbuf=1, grace_ns=100_000_000)   # the kernel's minimum
+print(json.dumps(sorted(c.cookie for c in poller.poll().changes)), flush=True)
+sys.stdin.readline()   # the test stopped us, closed the connections and let us go on
+closed, overruns = set(), 0
+deadline = time.monotonic() + 5
+while len(closed) < int(sys.argv[1]) and time.monotonic() < deadline:
+    result = poller.poll()
+    overruns += result.destroy.overruns
+    closed |= {c.cookie for c in result.destroyed + result.vanished}
+    time.sleep(0.05)
+print(json.dumps([sorted(closed), overruns]), flush=True)
+"""
+
+
 def test_notifications_lost_to_a_full_buffer_are_counted_and_polls_close_the_rest(testnet):
-    with testnet.inside(testnet.ns_a):
-        poller = Poller()
-        poller.listen_destroyed(rcvbuf=1, grace_ns=100_000_000)   # the kernel's minimum
     pairs = testnet.open_many(60)
     cookies = {cookie_of(client) for client, _ in pairs}
-    assert {c.cookie for c in poller.poll().changes} == cookies
-    for client, server in pairs:
-        client.close()
-        server.close()
-    time.sleep(0.3)   # every notification was sent while nobody read: most were dropped
-    closed, overruns = set(), 0
-    deadline = time.monotonic() + 5
-    while closed != cookies and time.monotonic() < deadline:
-        result = poller.poll()
-        overruns += result.destroy.overruns
-        closed |= {c.cookie for c in result.destroyed + result.vanished}
-        time.sleep(0.05)
+    proc = testnet.popen(testnet.ns_a, sys.executable, "-c", STOPPABLE_POLLER, str(len(pairs)),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert set(json.loads(proc.stdout.readline())) == cookies
+        proc.send_signal(signal.SIGSTOP)   # nobody reads: most notifications are dropped
+        for client, server in pairs:
+            client.close()
+            server.close()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGCONT)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        closed, overruns = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
     assert overruns >= 1
-    assert closed == cookies
+    assert set(closed) == cookies
