@@ -1,8 +1,8 @@
 """`tcp-info`: the collector daemon's entry point: flags, logging, assembly and exit status.
 
-Exit status: 0 after a clean stop (SIGTERM, SIGINT, or -reps polls done) or -h; 2 for a bad flag
-or environment value; 1 when the collector cannot start (output directory, metrics port, event
-socket or netlink socket unavailable).
+Exit status: 0 after a clean stop (SIGTERM, SIGINT, or -reps polls done), -h or -version; 2 for a
+bad flag or environment value; 1 when the collector cannot start (output directory, metrics port,
+event socket or netlink socket unavailable).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tcpinfo import flags, metrics, shares
+from tcpinfo import __version__, flags, metrics, shares
 from tcpinfo.anonymize import make_anonymizer
 from tcpinfo.cadence import Cadence
 from tcpinfo.collector import Collector, archive_metadata
@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = flags.parse(sys.argv[1:] if argv is None else argv, os.environ)
     except flags.HelpRequested:
         sys.stderr.write(flags.usage())
+        return 0
+    except flags.VersionRequested:
+        print(f"tcp-info {__version__}")
         return 0
     except flags.FlagError as err:
         print(f"tcp-info: {err} (tcp-info -h lists the flags)", file=sys.stderr)
@@ -67,6 +70,17 @@ def usable_cpus(cgroup: str = "/sys/fs/cgroup/cpu.max") -> int:
     return cpus
 
 
+_EVERY_INTERFACE = {"::": "every interface, IPv4 and IPv6", "0.0.0.0": "every IPv4 interface"}
+
+
+def metrics_url(host: str, port: int) -> str:
+    """The bound /metrics URL, saying so when it answers on every interface: the default ":9990"
+    binds "::", which a dual-stack host also serves over IPv4, and an operator must know that."""
+    url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+    where = _EVERY_INTERFACE.get(host)
+    return f"{url} ({where})" if where else url
+
+
 def run(config: flags.Config) -> int:
     """Builds the collector from the configuration and runs it until it stops."""
     if config.output:
@@ -74,8 +88,8 @@ def run(config: flags.Config) -> int:
         os.chdir(config.output)   # as upstream: relative paths below are relative to the output
     prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
     if config.listen_address:
-        port = metrics.start_http_server(config.listen_address)
-        log.info("Serving metrics on port %d", port)
+        log.info("Serving metrics on %s",
+                 metrics_url(*metrics.start_http_server(config.listen_address)))
     sockets = Filter(local=config.exclude_local, srcports=set(config.exclude_srcport),
                      dstips=list(config.exclude_dstip), include_nets=list(config.include_ip),
                      include_ports=list(config.include_port))
