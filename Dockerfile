@@ -15,7 +15,7 @@ RUN apt-get update -qq \
       || apt-get install -y -qq --no-install-recommends python3-dev >/dev/null; } \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY cffi_build/ cffi_build/
 COPY tcpinfo/ tcpinfo/
 RUN pip wheel -q --wheel-dir /wheels .
@@ -28,10 +28,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
     TCPINFO_EVENTSOCKET=/run/tcpinfo/tcpevents.sock \
     PROMETHEUSX_LISTEN_ADDRESS=:9990
 COPY --from=build /wheels /tmp/wheels
-# example consumer (prints events), used by deploy/compose.yaml
-COPY cmd/eventsocket_client.py /usr/local/bin/tcpinfo-events
+# installs tcp-info, csvtool and tcpinfo-events (the consumer deploy/compose.yaml runs)
 RUN pip install -q --no-index --find-links /tmp/wheels tcpinfo \
- && rm -rf /tmp/wheels && chmod 0755 /usr/local/bin/tcpinfo-events \
+ && rm -rf /tmp/wheels \
  && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home \
       --shell /usr/sbin/nologin tcpinfo \
  && mkdir -p /data /run/tcpinfo \

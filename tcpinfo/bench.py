@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from tcpinfo import shares
+from tcpinfo import __version__, shares
 from tcpinfo.netns import Topology
 from tcpinfo.netlink import Poller
 from tcpinfo.sockfilter import Filter
@@ -270,6 +270,7 @@ def print_poll(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tcpinfo-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-version", "--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("poll", help="poll cost vs the bare C loop and ss -tin")
     p.add_argument("-n", "--connections", type=int, default=10000)

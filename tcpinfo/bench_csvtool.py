@@ -1,7 +1,7 @@
 """csvtool throughput: rows per second converting a large archive in the default (upstream) schema.
 
-The archive replays the shared testdata's records with what really moves between two polls of a
-busy connection rewritten in every record: the timestamp, the IDM timer and queues, tcp_info's
+The archive replays the records of the repository's tests/testdata with what really moves between
+two polls of a busy connection rewritten in every record: the timestamp, the IDM timer and queues, tcp_info's
 timers, rtt/rttvar, cwnd, unacked, pacing and delivery rates, byte and segment counters, busy time,
 MEMINFO and SKMEMINFO, and BBR's bandwidth and min_rtt.  The low bits of each (enough for a
 realistic magnitude) come from a fixed pseudo-random window picked by the record number, so the
@@ -38,18 +38,22 @@ from .tcp import TCP_INFO, Layout
 
 
 def testdata_dir() -> Path:
-    """The shared testdata: $TCPINFO_TESTDATA, or shared/ beside a source checkout or the cwd."""
-    candidates = [Path(os.environ["TCPINFO_TESTDATA"])] if "TCPINFO_TESTDATA" in os.environ else []
-    candidates += [Path(__file__).resolve().parents[2] / "shared" / "testdata",
-                   Path.cwd().parent / "shared" / "testdata", Path.cwd() / "shared" / "testdata"]
+    """The repository's tests/testdata: $TCPINFO_TESTDATA if set, else the checkout this module
+    runs from (an editable install) or the cwd's; a wheel carries no test data."""
+    if "TCPINFO_TESTDATA" in os.environ:
+        candidates = [Path(os.environ["TCPINFO_TESTDATA"])]
+    else:
+        candidates = [Path(__file__).resolve().parents[1] / "tests" / "testdata",
+                      Path.cwd() / "tests" / "testdata"]
     for path in candidates:
         if any(path.glob("*/*.jsonl.zst")):
             return path
-    raise FileNotFoundError("no shared testdata found: set TCPINFO_TESTDATA to shared/testdata")
+    raise FileNotFoundError(f"no test data (*/*.jsonl.zst) in {' or '.join(map(str, candidates))}: "
+                            f"run from a checkout or set TCPINFO_TESTDATA to its tests/testdata")
 
 
 def sample_records() -> list:
-    """Every data record of the shared testdata archives, decoded."""
+    """Every data record of the test data archives, decoded."""
     records = []
     for path in sorted(testdata_dir().glob("*/*.jsonl.zst")):
         for _, line in read_archive(str(path)):

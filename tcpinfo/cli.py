@@ -1,9 +1,9 @@
 """`tcp-info`: the collector daemon's entry point: flags, logging, assembly and exit status.
 
-Exit status: 0 after a clean stop (a stop signal, see `stopsignals`, or -reps polls done) or -h;
-2 for a bad flag or environment value; 1 when the collector cannot start (output directory,
-metrics port, event socket or netlink socket unavailable), with a message naming the flag and
-value at fault.
+Exit status: 0 after a clean stop (a stop signal, see `stopsignals`, or -reps polls done), -h or
+-version; 2 for a bad flag or environment value; 1 when the collector cannot start (output
+directory, metrics port, event socket or netlink socket unavailable), with a message naming the
+flag and value at fault.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tcpinfo import flags, metrics, shares
+from tcpinfo import __version__, flags, metrics, shares
 from tcpinfo.anonymize import make_anonymizer
 from tcpinfo.cadence import Cadence
 from tcpinfo.collector import Collector, archive_metadata
@@ -51,6 +51,9 @@ def _main(argv: Sequence[str] | None, stops: StopSignals) -> int:
         config = flags.parse(sys.argv[1:] if argv is None else argv, os.environ)
     except flags.HelpRequested:
         sys.stderr.write(flags.usage())
+        return 0
+    except flags.VersionRequested:
+        print(f"tcp-info {__version__}")
         return 0
     except flags.FlagError as err:
         print(f"tcp-info: {err} (tcp-info -h lists the flags)", file=sys.stderr)
@@ -95,15 +98,26 @@ def prepare_output(output: str) -> None:
         raise StartError(f"-output {output!r}: {err.strerror or err}") from None
 
 
+_EVERY_INTERFACE = {"::": "every interface, IPv4 and IPv6", "0.0.0.0": "every IPv4 interface"}
+
+
+def metrics_url(host: str, port: int) -> str:
+    """The bound /metrics URL, saying so when it answers on every interface: the default ":9990"
+    binds "::", which a dual-stack host also serves over IPv4, and an operator must know that."""
+    url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+    where = _EVERY_INTERFACE.get(host)
+    return f"{url} ({where})" if where else url
+
+
 def start_metrics(listen_address: str) -> None:
     if not listen_address:
         return
     try:
-        port = metrics.start_http_server(listen_address)
+        host, port = metrics.start_http_server(listen_address)
     except OSError as err:
         raise StartError(f"-prometheusx.listen-address {listen_address!r}: "
                          f"{err.strerror or err}") from None
-    log.info("Serving metrics on port %d", port)
+    log.info("Serving metrics on %s", metrics_url(host, port))
 
 
 def make_poller(config: flags.Config) -> Poller:

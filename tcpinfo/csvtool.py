@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import orjson
 
+from . import __version__
 from .archive import STDIN, ArchiveError, expand_paths, read_text
 from .inetdiag import (
     INET_DIAG_CONG,
@@ -168,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="write decoded JSON lines (modern field names)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip lines that cannot be decoded and report how many on stderr")
+    p.add_argument("-version", "--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 

@@ -40,6 +40,10 @@ class HelpRequested(Exception):
     """-h or -help was given: the caller prints usage() and exits 0, as Go does."""
 
 
+class VersionRequested(Exception):
+    """-version was given: the caller prints its name and version and exits 0."""
+
+
 @dataclass
 class Config:
     """Everything the daemon was asked to do, after flags and environment were applied."""
@@ -463,6 +467,7 @@ def usage(prog: str = "tcp-info") -> str:
         lines.append(f"    \t{flag.usage}{default} [env {flag.env}]")
     lines.append("Every flag not given on the command line is read from its environment variable; "
                  "an invalid value in either is an error (exit status 2).")
+    lines.append("-version prints the version and exits.")
     return "\n".join(lines) + "\n"
 
 
@@ -506,6 +511,8 @@ def _parse_command_line(config: Config, args: Sequence[str]) -> tuple[set[str], 
         if flag is None:
             if name in ("h", "help"):
                 raise HelpRequested()
+            if name == "version":
+                raise VersionRequested()
             raise FlagError(f"flag provided but not defined: -{name}")
         if flag.kind == "bool" and not has_value:
             value = "true"

@@ -241,12 +241,12 @@ def parse_listen_address(listen_address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def start_http_server(listen_address: str) -> int:
-    """Serves the default registry at /metrics from a daemon thread; returns the bound port.
+def start_http_server(listen_address: str) -> tuple[str, int]:
+    """Serves the default registry at /metrics from a daemon thread; returns the bound (host, port).
 
     Like Go's net.Listen, an empty host listens on every interface: one dual-stack
-    IPv6 socket, or IPv4 alone on a kernel without IPv6.  Port 0 picks a free port,
-    which is why the port is returned.
+    IPv6 socket ("::"), or IPv4 alone ("0.0.0.0") on a kernel without IPv6.  Port 0 picks
+    a free port and a name is resolved, which is why the bound address is returned.
     """
     host, port = parse_listen_address(listen_address)
     if not host:
@@ -256,4 +256,4 @@ def start_http_server(listen_address: str) -> int:
     except OSError as err:
         raise OSError(err.errno, f"cannot serve metrics on {listen_address!r}: "
                                  f"{err.strerror or err}") from err
-    return server.server_address[1]
+    return server.server_address[0], server.server_address[1]

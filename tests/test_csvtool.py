@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +11,12 @@ from pathlib import Path
 import orjson
 import pytest
 import zstandard
-from test_record import ARCHIVES, TESTDATA
+from paths import ARCHIVES, FINWAIT, NDT, TESTDATA, script
 
 from tcpinfo.archive import read_archive
 from tcpinfo.bench_csvtool import write_archive
 
-# The console script of the Python running the tests (a venv's bin may not be on PATH).
-CSVTOOL = (shutil.which("csvtool", path=str(Path(sys.executable).parent)) or shutil.which("csvtool")
-           or pytest.fail("the csvtool console script is not installed"))
-NDT = TESTDATA / "mlab" / "ndt-7hhhv_1559749627_0000000000062D84.00000.jsonl.zst"
-FINWAIT = TESTDATA / "mlab" / "finwait2-sample_1554836592_unsafe_000000000135A272.00000.jsonl.zst"
+CSVTOOL = script("csvtool")
 
 
 def expected_csv(archive: Path) -> bytes:
@@ -172,7 +167,8 @@ def test_skip_bad_skips_bad_lines_and_reports_the_count(tmp_path: Path) -> None:
     assert result.stdout == expected_csv(FINWAIT)
 
 
-def test_one_million_records_convert_in_bounded_memory(tmp_path: Path) -> None:
+def test_one_million_records_convert_in_bounded_memory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TCPINFO_TESTDATA", str(TESTDATA))   # the benchmark archive's source records
     small = tmp_path / "small.jsonl.zst"
     big = tmp_path / "big.jsonl.zst"
     write_archive(small, 1_000)

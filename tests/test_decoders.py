@@ -5,7 +5,8 @@ import struct
 from collections import Counter
 
 import pytest
-from test_record import TESTDATA, raw_netlink_messages
+from paths import NDT, TESTDATA
+from test_record import raw_netlink_messages
 
 from tcpinfo.archive import read_archive
 from tcpinfo.inetdiag import (
@@ -20,8 +21,6 @@ from tcpinfo.inetdiag import (
 )
 from tcpinfo.record import decode_line
 from tcpinfo.tcp import TCP_INFO, decode_tcp_info, state_name
-
-NDT = TESTDATA / "mlab" / "ndt-7hhhv_1559749627_0000000000062D84.00000.jsonl.zst"
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import pytest
 from tcpinfo.archive import read_archive
 from tcpinfo.inetdiag import split_message
 from tcpinfo.record import decode_line, encode_message, encode_record
-from test_record import TESTDATA, raw_netlink_messages
+from paths import ARCHIVES
+from test_record import raw_netlink_messages
 
 
 def payload_of(raw_idm: bytes, attributes: list) -> bytes:
@@ -25,7 +26,7 @@ def test_c_encoder_matches_python_encoder_on_all_420_raw_kernel_messages():
         assert info == attributes[2]
 
 
-@pytest.mark.parametrize("archive", sorted(TESTDATA.glob("*/*.jsonl.zst")), ids=lambda p: p.name)
+@pytest.mark.parametrize("archive", ARCHIVES, ids=lambda p: p.name)
 def test_c_encoder_reproduces_upstreams_archived_lines(archive):
     checked = 0
     for _, line in read_archive(str(archive)):

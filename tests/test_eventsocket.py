@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from paths import NDT, script
 from prometheus_client import REGISTRY
 
 from tcpinfo import eventclient
 from tcpinfo.eventsocket import EventServer, NullServer, close_line, open_line
 from tcpinfo.record import decode_line, parse_time
 
-REPO = Path(__file__).resolve().parents[1]
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 NDT_UUID = "ndt-7hhhv_1559749627_0000000000062D84"
 # UPSTREAM.md section 8, verbatim: what upstream sends for the first record of the NDT archive.
 NDT_OPEN = (b'{"Event":0,"Timestamp":"2019-07-01T00:00:12.092Z",'
@@ -49,8 +48,7 @@ time.sleep(60)
 @pytest.fixture(scope="module")
 def ndt_record():
     """(timestamp ns, raw IDM) of the NDT archive's first snapshot."""
-    path = TESTDATA / "mlab" / "ndt-7hhhv_1559749627_0000000000062D84.00000.jsonl.zst"
-    with zstandard.ZstdDecompressor().stream_reader(path.open("rb")) as reader:
+    with zstandard.ZstdDecompressor().stream_reader(NDT.open("rb")) as reader:
         head = reader.read(1 << 16)
     rec = decode_line(head.split(b"\n")[1])
     return rec.ts_ns, rec.raw_idm
@@ -74,7 +72,7 @@ def processes():
 def spawn(processes, *args: str) -> subprocess.Popen:
     """Starts a client; its output goes to files, so it never blocks on a full pipe."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=REPO)
+    proc = subprocess.Popen(args, stdout=out, stderr=err)
     proc.captured = (out, err)
     processes.append(proc)
     return proc
@@ -126,11 +124,10 @@ def test_client_process_receives_open_then_close_bytes_as_upstream(sock_path, pr
     assert metric("tcpinfo_flow_events_total", event="close") == closes + 1
 
 
-def test_example_client_prints_open_then_close(sock_path, processes, ndt_record):
+def test_tcpinfo_events_prints_open_then_close(sock_path, processes, ndt_record):
     ts_ns, idm = ndt_record
     server = started(sock_path)
-    client = spawn(processes, sys.executable, "cmd/eventsocket_client.py",
-                   "-tcpinfo.eventsocket", sock_path)
+    client = spawn(processes, script("tcpinfo-events"), "-tcpinfo.eventsocket", sock_path)
     wait_for_clients(server, 1)
     server.flow_created(ts_ns, NDT_UUID, idm)
     server.flow_deleted(ts_ns + 10_708_000_000, NDT_UUID)
@@ -146,10 +143,9 @@ def test_example_client_prints_open_then_close(sock_path, processes, ndt_record)
     ]
 
 
-def test_example_client_exits_with_a_clear_error_when_the_socket_is_missing(sock_path):
-    proc = subprocess.run([sys.executable, "cmd/eventsocket_client.py",
-                           f"-tcpinfo.eventsocket={sock_path}"],
-                          capture_output=True, text=True, cwd=REPO, timeout=30)
+def test_tcpinfo_events_exits_with_a_clear_error_when_the_socket_is_missing(sock_path):
+    proc = subprocess.run([script("tcpinfo-events"), f"-tcpinfo.eventsocket={sock_path}"],
+                          capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert f"no event socket at {sock_path}" in proc.stderr
 

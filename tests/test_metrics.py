@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -64,7 +65,7 @@ for _vector in (metrics.LARGE_NETLINK, metrics.NETLINK_SKIPPED, metrics.WRITE_ER
     _vector.labels("test")
 metrics.PORT_CONNECTIONS.labels(port="443")
 
-PORT = metrics.start_http_server("127.0.0.1:0")
+_, PORT = metrics.start_http_server("127.0.0.1:0")
 
 
 def scrape(url: str = f"http://127.0.0.1:{PORT}/metrics") -> str:
@@ -156,12 +157,13 @@ def test_dump_error_counts_in_ours_and_upstreams_series():
         metrics.count_dump_error(socket.AF_INET, "gremlins")
 
 
-@pytest.mark.parametrize("address, url_host", [(":0", "127.0.0.1"), (":0", "[::1]"),
-                                               ("[::1]:0", "[::1]"),
-                                               ("localhost:0", "127.0.0.1")])
-def test_go_listen_addresses_are_served(address, url_host):
-    port = metrics.start_http_server(address)
-    assert port > 0
+@pytest.mark.parametrize("address, bound, url_host", [(":0", "::", "127.0.0.1"),
+                                                      (":0", "::", "[::1]"),
+                                                      ("[::1]:0", "::1", "[::1]"),
+                                                      ("localhost:0", "127.0.0.1", "127.0.0.1")])
+def test_go_listen_addresses_are_served_and_the_bound_address_returned(address, bound, url_host):
+    host, port = metrics.start_http_server(address)
+    assert host == bound and port > 0
     assert "tcpinfo_snapshot_total" in scrape(f"http://{url_host}:{port}/metrics")
 
 
@@ -181,6 +183,20 @@ def test_listen_failure_is_an_os_error_naming_the_address():
             metrics.start_http_server(address)
 
 
+def test_the_daemon_logs_the_address_it_serves_and_answers_there_on_ipv4_and_ipv6(testnet,
+                                                                                  tmp_path, daemons):
+    # ":0" is the default ":9990" with a free port: every interface, one dual-stack socket.
+    daemon = daemons(testnet, testnet.ns_b, tmp_path / "out", "-prometheusx.listen-address=:0")
+    daemon.wait_for("/metrics (every interface, IPv4 and IPv6)")
+    match = re.search(r"Serving metrics on http://\[::\]:(\d+)/metrics \(every interface, "
+                      r"IPv4 and IPv6\)\n", daemon.text())
+    assert match, daemon.text()
+    with testnet.inside(testnet.ns_b):
+        for host in ("127.0.0.1", "[::1]"):
+            assert "tcpinfo_snapshot_total" in scrape(f"http://{host}:{match[1]}/metrics")
+    assert daemon.stop() == 0, daemon.text()
+
+
 # promtool (Debian package `prometheus`) flags upstream's `_histogram` suffix; those names
 # are kept for dashboards, so exactly these problems are expected and nothing else.
 UPSTREAM_LINT = {f"{name} metric name should not include type 'histogram'"
@@ -190,7 +206,7 @@ UPSTREAM_LINT = {f"{name} metric name should not include type 'histogram'"
 def test_exposition_passes_promtool_apart_from_upstreams_names():
     promtool = shutil.which("promtool")
     if promtool is None:
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI"):   # .ci/run exports CI=true, as CI services do: never skip there
             pytest.fail("promtool is missing in CI: apt-get install -y prometheus")
         pytest.skip("promtool not installed (Debian: apt-get install -y prometheus)")
     proc = subprocess.run([promtool, "check", "metrics"], input=scrape(),

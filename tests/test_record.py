@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from paths import ARCHIVES, TESTDATA
 
 from tcpinfo.archive import read_archive
 from tcpinfo.inetdiag import split_message
@@ -19,8 +20,6 @@ from tcpinfo.record import (
     parse_time,
 )
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
-ARCHIVES = sorted(TESTDATA.glob("*/*.jsonl.zst"))
 
 
 def raw_netlink_messages() -> list[bytes]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from paths import ARCHIVES
 from test_csvtool import expected_csv
-from test_record import ARCHIVES
 
 from tcpinfo.archive import read_archive
 from tcpinfo.csvtool import convert_file

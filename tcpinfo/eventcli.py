@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
-"""Example event-socket client: prints one line per flow event until tcp-info goes away.
+"""tcpinfo-events: prints one line per tcp-info flow event until tcp-info goes away.
 
-    python cmd/eventsocket_client.py -tcpinfo.eventsocket /var/local/tcpinfoeventsocket/tcpevents.sock
+    tcpinfo-events -tcpinfo.eventsocket /var/local/tcpinfoeventsocket/tcpevents.sock
 
 Output, one event per line (the ID object exactly as received):
 
@@ -10,7 +9,8 @@ Output, one event per line (the ID object exactly as received):
 
 The flag has the same name as the server's, and TCPINFO_EVENTSOCKET is read when
 it is not given, as upstream's flagx.ArgsFromEnv does.  Exits 1 with a message if
-the socket is missing.
+the socket is missing.  It is also the example of a consumer: `Printer` is the whole
+handler that `tcpinfo.eventclient.run` needs.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from datetime import datetime
 
 import orjson
 
-from tcpinfo import eventclient
+from . import __version__, eventclient
 
 
 class Printer:
@@ -35,17 +35,20 @@ class Printer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Console entry point: 0 when tcp-info closes the socket or on ^C, 1 if it cannot be read."""
+    parser = argparse.ArgumentParser(prog="tcpinfo-events", description=__doc__.splitlines()[0])
     parser.add_argument("-tcpinfo.eventsocket", "--tcpinfo.eventsocket", dest="path",
                         default=os.environ.get("TCPINFO_EVENTSOCKET", ""),
                         help="path of tcp-info's event socket (env TCPINFO_EVENTSOCKET)")
+    parser.add_argument("-version", "--version", action="version",
+                        version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     if not args.path:
         parser.error("-tcpinfo.eventsocket is required")
     try:
         eventclient.run(args.path, Printer())
     except (OSError, ValueError) as err:
-        print(f"eventsocket_client: {err}", file=sys.stderr)
+        print(f"tcpinfo-events: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
