@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import cProfile
 import logging
+import marshal
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from tcpinfo.cadence import Cadence
 from tcpinfo.collector import Collector, archive_metadata
 from tcpinfo.eventsocket import EventServer, NullServer
 from tcpinfo.netlink import Poller
+from tcpinfo.outtree import directory_mode, make_output_dir, replace_file
 from tcpinfo.saver import Limits, Saver
 from tcpinfo.sockfilter import Filter
 from tcpinfo.uuidprefix import default_prefix
@@ -70,7 +72,7 @@ def usable_cpus(cgroup: str = "/sys/fs/cgroup/cpu.max") -> int:
 def run(config: flags.Config) -> int:
     """Builds the collector from the configuration and runs it until it stops."""
     if config.output:
-        os.makedirs(config.output, mode=0o755, exist_ok=True)
+        make_output_dir(config.output, directory_mode(config.output_mode))
         os.chdir(config.output)   # as upstream: relative paths below are relative to the output
     prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
     if config.listen_address:
@@ -116,7 +118,8 @@ def run(config: flags.Config) -> int:
                     conn_limit=config.conn_buffer_limit, total_limit=config.buffer_limit,
                     rotate_ns=config.rotate_interval_ns)
     saver = Saver(os.getcwd(), prefix, limits,
-                  archive_metadata(flags.format_duration(config.poll_interval_ns)))
+                  archive_metadata(flags.format_duration(config.poll_interval_ns)),
+                  config.output_mode)
     collector = Collector(poller, saver, events, prefix,
                           Cadence(config.poll_interval_ns, config.cpu_budget),
                           make_anonymizer(config.anonymize_ip), frozenset(config.count_port))
@@ -128,7 +131,8 @@ def run(config: flags.Config) -> int:
     finally:
         if profiler is not None:
             profiler.disable()
-            profiler.dump_stats(TRACE_FILE)
+            profiler.create_stats()   # Profile.dump_stats would write through a planted link
+            replace_file(TRACE_FILE, marshal.dumps(profiler.stats), config.output_mode)
             log.info("Wrote the profile to %s", os.path.abspath(TRACE_FILE))
     log.info("Done after %d polls", collector.polls)
     return 0
