@@ -10,8 +10,9 @@ archive relative to its day directory with O_NOFOLLOW|O_NONBLOCK, so nothing is 
 link and no open blocks.  A link or any other non-directory where a directory should be is refused
 (OSError ELOOP or ENOTDIR: the saver keeps the records and retries, as for any failed write).  An
 archive that is no longer the regular file this process created (a link, a FIFO, a directory,
-another file) is left alone and reported, and the saver goes on in the connection's next sequence
-file.  Every such case is counted in tcpinfo_unsafe_paths_total{kind}.
+another file), or whose day directory is no longer there or no longer a directory, is left alone
+(and reported), and the saver goes on in the connection's next sequence file, in today's directory.
+Every such case is counted in tcpinfo_unsafe_paths_total{kind}.
 
 Day directories stay open (a handful of descriptors, never one per connection: there may be
 100,000 connections and a limit of 20,000 descriptors) and are looked up again after a second, so
@@ -42,7 +43,7 @@ _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 _APPEND = (os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
            | os.O_CLOEXEC)
-_EUID = os.geteuid()
+_DAY_GONE = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)   # removed, or replaced (and counted)
 _FILE_TYPES = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
                (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -86,22 +87,22 @@ def replace_file(name: str, data: bytes, mode: int) -> None:
         raise
 
 
-def describe(mode: int) -> str:
+def _describe(mode: int) -> str:
     """A file type in words, for log lines."""
     return next((name for is_type, name in _FILE_TYPES if is_type(mode)), "an unknown file")
 
 
-def _foreign(st: os.stat_result, dev: int, inode: int) -> str | None:
+def _foreign(st: os.stat_result, dev: int, inode: int, owner: int) -> str | None:
     """Why a file is not the archive this process created (a metrics.UNSAFE_PATH_KINDS), or None.
 
     The owner is compared too: a file made right after ours was removed often gets its inode
-    number again, but no other user can make a file that this process's user owns.
+    number again, but another user cannot make a file owned as this process's files are.
     """
     if stat.S_ISLNK(st.st_mode):
         return "symlink"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    if st.st_ino != inode or st.st_dev != dev or st.st_uid != _EUID:
+    if st.st_ino != inode or st.st_dev != dev or st.st_uid != owner:
         return "replaced file"
     return None
 
@@ -117,6 +118,7 @@ class OutputTree:
         # "YYYY/MM/DD" -> (descriptor, st_dev, when opened), least recently used first
         self._days: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self._reported: dict[str, int] = {}   # unsafe archive kind -> when last logged
+        self._owner = os.geteuid()   # of the files this process creates (NFS may squash it)
 
     def day(self, day: str, now_ns: int, make: bool = True) -> tuple[int, int]:
         """The descriptor and st_dev of a "YYYY/MM/DD" directory, made if missing (or
@@ -145,22 +147,31 @@ class OutputTree:
         while self._days:
             os.close(self._days.popitem()[1][0])
 
-    def create(self, dir_fd: int, name: str) -> int:
-        """A new archive with exactly the file mode; FileExistsError if the name is taken by
-        anything, a link included (O_EXCL never follows one)."""
+    def create(self, dir_fd: int, name: str) -> tuple[int, int]:
+        """A new archive with exactly the file mode: its descriptor and inode (which reopen
+        checks); FileExistsError if the name is taken by anything, a link included (O_EXCL
+        never follows one)."""
         fd = os.open(name, _CREATE, self.file_mode, dir_fd=dir_fd)
         try:
             os.fchmod(fd, self.file_mode)
+            made = os.fstat(fd)
         except OSError:
             os.close(fd)
             os.unlink(name, dir_fd=dir_fd)
             raise
-        return fd
+        self._owner = made.st_uid
+        return fd, made.st_ino
 
-    def reopen(self, dir_fd: int, dev: int, day: str, name: str, inode: int,
-               now_ns: int) -> tuple[int, int] | None:
-        """Opens an archive this process created, to append: (descriptor, size); None when it is
-        gone (an uploader took it) or is something else now (reported)."""
+    def reopen(self, day: str, name: str, inode: int, now_ns: int) -> tuple[int, int] | None:
+        """Opens an archive this process created, to append: (descriptor, size); None when it or
+        its day directory is gone (an uploader took it; the directory is not made again just to
+        find that out) or is something else now (reported)."""
+        try:
+            dir_fd, dev = self.day(day, now_ns, make=False)
+        except OSError as err:
+            if err.errno not in _DAY_GONE:
+                raise
+            return None
         try:
             fd = os.open(name, _APPEND, dir_fd=dir_fd)
         except FileNotFoundError:
@@ -170,13 +181,13 @@ class OutputTree:
                 found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 return None
-            kind = _foreign(found, dev, inode)
+            kind = _foreign(found, dev, inode, self._owner)
             if kind is None:
                 raise   # still our file: a real write failure
             self._report(kind, found, f"{day}/{name}", now_ns)
             return None
         found = os.fstat(fd)
-        kind = _foreign(found, dev, inode)
+        kind = _foreign(found, dev, inode, self._owner)
         if kind is None:
             return fd, found.st_size
         os.close(fd)
@@ -227,7 +238,7 @@ class OutputTree:
         kind, code = (("symlink", errno.ELOOP) if stat.S_ISLNK(found)
                       else ("not a directory", errno.ENOTDIR))
         metrics.UNSAFE_PATHS.labels(kind=kind).inc()
-        raise OSError(code, f"{self.root}/{path} is {describe(found)} where a directory should "
+        raise OSError(code, f"{self.root}/{path} is {_describe(found)} where a directory should "
                             f"be: not followed, nothing written through it")
 
     def _report(self, kind: str, found: os.stat_result, path: str, now_ns: int) -> None:
@@ -237,7 +248,7 @@ class OutputTree:
         if last is not None and 0 <= now_ns - last < REPORT_EVERY_NS:
             return
         self._reported[kind] = now_ns
-        what = "another regular file" if kind == "replaced file" else describe(found.st_mode)
+        what = "another regular file" if kind == "replaced file" else _describe(found.st_mode)
         log.error("Archive %s/%s is now %s, not the file this collector wrote: left alone (not "
                   "followed, not written); its connection goes on in its next sequence file "
                   "(logged once a minute, counted in tcpinfo_unsafe_paths_total{kind=\"%s\"})",

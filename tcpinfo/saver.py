@@ -41,7 +41,6 @@ NS_PER_DAY = 86_400 * 1_000_000_000
 RETRY_NS = 1_000_000_000
 SHUTDOWN_FAILURE_LIMIT = 100   # consecutive failed writes after which shutdown stops trying
 ZSTD_LEVEL = 3                 # what upstream's `zstd` CLI uses by default
-_DAY_GONE = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)   # removed, or replaced (and counted)
 
 
 @dataclass(frozen=True)
@@ -265,15 +264,15 @@ class Saver:
     def _create(self, conn: _Connection, lines: list[bytes], now_ns: int) -> None:
         """Creates the connection's next file (never an existing one) with its header line."""
         try:
-            fd, dir_fd, name = self._new_file(conn, now_ns)
+            fd, inode, dir_fd, name = self._new_file(conn, now_ns)
         except FileNotFoundError:   # the open day directory was removed: look it up again
             self._tree.forget(conn.day)
-            fd, dir_fd, name = self._new_file(conn, now_ns)
+            fd, inode, dir_fd, name = self._new_file(conn, now_ns)
         header = encode_header(make_uuid(self._prefix, conn.cookie), conn.seq, conn.start_ns,
                                self._extra)
         try:
             _write_all(fd, self._zstd.compress(b"".join([header, *lines])))
-            conn.inode = os.fstat(fd).st_ino   # appends check that the file is still this one
+            conn.inode = inode   # appends check that the file is still this one
         except OSError:
             os.unlink(name, dir_fd=dir_fd)
             raise
@@ -281,19 +280,20 @@ class Saver:
             os.close(fd)
         metrics.NEW_FILES.inc()
 
-    def _new_file(self, conn: _Connection, now_ns: int) -> tuple[int, int, str]:
-        """Creates the first free sequence's file: its descriptor, its directory's and its name."""
+    def _new_file(self, conn: _Connection, now_ns: int) -> tuple[int, int, int, str]:
+        """Creates the first free sequence's file: its descriptor and inode, its directory's
+        descriptor and its name."""
         dir_fd, _ = self._tree.day(conn.day, now_ns)
         while True:
             name = self._name(conn)
             try:
-                return self._tree.create(dir_fd, name), dir_fd, name
+                return (*self._tree.create(dir_fd, name), dir_fd, name)
             except FileExistsError:
                 conn.seq += 1
 
     def _append(self, conn: _Connection, lines: list[bytes], now_ns: int) -> None:
         """Appends one frame; a partial write is cut off again so the file stays whole frames."""
-        opened = self._reopen(conn, now_ns)
+        opened = self._tree.reopen(conn.day, self._name(conn), conn.inode, now_ns)
         if opened is None:
             # Taken away (an uploader) or replaced: go on in a new file, with a header.
             conn.seq += 1
@@ -310,17 +310,6 @@ class Saver:
                 raise
         finally:
             os.close(fd)
-
-    def _reopen(self, conn: _Connection, now_ns: int) -> tuple[int, int] | None:
-        """The connection's current file opened to append, with its size; None if it is gone or
-        replaced, or its day directory is (which is not made again just to find that out)."""
-        try:
-            dir_fd, dev = self._tree.day(conn.day, now_ns, make=False)
-        except OSError as err:
-            if err.errno not in _DAY_GONE:
-                raise
-            return None
-        return self._tree.reopen(dir_fd, dev, conn.day, self._name(conn), conn.inode, now_ns)
 
     def _write_failed(self, err: OSError, now_ns: int) -> None:
         cause = errno.errorcode.get(err.errno or 0, type(err).__name__)

@@ -70,11 +70,22 @@ def mode(path: Path) -> int:
 
 
 def within(seconds: float, action) -> None:
-    """Runs `action` in a thread and fails if it has not returned in time (an open that blocks)."""
-    worker = threading.Thread(target=action, daemon=True)
+    """Runs `action` in a thread and fails if it has not returned in time (an open that blocks);
+    its exception, if any, is raised here."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as err:   # handed to the test's thread
+            raised.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     worker.join(seconds)
     assert not worker.is_alive(), f"blocked for more than {seconds} s"
+    if raised:
+        raise raised[0]
 
 
 @contextmanager
@@ -88,29 +99,40 @@ def umask(value: int):
 
 # ------------------------------------------------------------------ the saver, case by case
 
-def test_an_archive_replaced_by_a_symlink_to_a_root_file_is_not_followed_and_the_records_go_on_in_the_next_file(  # noqa: E501
-        shared, caplog):
+def saver_with_archive(shared: Path) -> tuple[Saver, Path]:
+    """A saver that wrote connection 3's first file into a day directory the attacker made in
+    advance (and so may change), and that file's path."""
     out = shared / "out"
-    as_nobody("mkdir", "-p", DAY, cwd=out)   # the attacker owns the day directory in advance
+    as_nobody("mkdir", "-p", DAY, cwd=out)
     saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
     saver.write(3, T0, line(T0, 1))
     saver.flush_due(T0 + S)
     first = out / DAY / f"{UUID3}.00000.jsonl.zst"
     assert numbers(first) == [1]
-    before = unsafe("symlink")
+    return saver, first
 
-    as_nobody("ln", "-sf", str(shared / "victim"), first.name, cwd=out / DAY)
+
+def flush_again(saver: Saver, first: Path) -> Path:
+    """Connection 3's next record, flushed (failing if the flush blocks); the next file's path."""
     saver.write(3, T0 + 2 * S, line(T0 + 2 * S, 2))
-    saver.flush_due(T0 + 3 * S)
+    within(5, lambda: saver.flush_due(T0 + 3 * S))   # a FIFO without reader never blocks
+    saver.close(T0 + 4 * S)
+    return first.with_name(f"{UUID3}.00001.jsonl.zst")
+
+
+def test_an_archive_replaced_by_a_symlink_to_a_root_file_is_not_followed_and_the_records_go_on_in_the_next_file(  # noqa: E501
+        shared, caplog):
+    saver, first = saver_with_archive(shared)
+    before = unsafe("symlink")
+    as_nobody("ln", "-sf", str(shared / "victim"), first.name, cwd=first.parent)
+    second = flush_again(saver, first)
 
     assert (shared / "victim").read_bytes() == VICTIM
     assert os.readlink(first) == str(shared / "victim")   # the planted link is left alone
-    second = out / DAY / f"{UUID3}.00001.jsonl.zst"
     assert numbers(second) == [2]
     assert b'"Sequence":1' in frames(second)[0].splitlines()[0]
     assert unsafe("symlink") == before + 1
     assert f"{first} is now a symbolic link" in caplog.text
-    saver.close(T0 + 4 * S)
 
 
 @pytest.mark.parametrize("replacement,kind", [
@@ -120,45 +142,31 @@ def test_an_archive_replaced_by_a_symlink_to_a_root_file_is_not_followed_and_the
 ])
 def test_an_archive_replaced_by_a_fifo_directory_or_other_file_is_left_alone_without_blocking(
         shared, caplog, replacement, kind):
-    out = shared / "out"
-    as_nobody("mkdir", "-p", DAY, cwd=out)
-    saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
-    saver.write(3, T0, line(T0, 1))
-    saver.flush_due(T0 + S)
-    first = out / DAY / f"{UUID3}.00000.jsonl.zst"
-    as_nobody("sh", "-c", replacement, "attacker", first.name, cwd=out / DAY)
+    saver, first = saver_with_archive(shared)
+    as_nobody("sh", "-c", replacement, "attacker", first.name, cwd=first.parent)
     planted = first.lstat()
     before = unsafe(kind)
-
-    saver.write(3, T0 + 2 * S, line(T0 + 2 * S, 2))
-    within(5, lambda: saver.flush_due(T0 + 3 * S))   # a FIFO without reader never blocks
+    second = flush_again(saver, first)
 
     assert first.lstat().st_ino == planted.st_ino and first.lstat().st_size == planted.st_size
-    assert numbers(out / DAY / f"{UUID3}.00001.jsonl.zst") == [2]
+    assert numbers(second) == [2]
     assert unsafe(kind) == before + 1
     assert f"{first} is now" in caplog.text
-    saver.close(T0 + 4 * S)
 
 
 def test_a_fifo_with_a_reader_in_place_of_an_archive_gets_nothing_written(shared):
-    out = shared / "out"
-    as_nobody("mkdir", "-p", DAY, cwd=out)
-    saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
-    saver.write(3, T0, line(T0, 1))
-    saver.flush_due(T0 + S)
-    first = out / DAY / f"{UUID3}.00000.jsonl.zst"
-    as_nobody("sh", "-c", "rm -f $1 && mkfifo -m 666 $1", "attacker", first.name, cwd=out / DAY)
+    saver, first = saver_with_archive(shared)
+    as_nobody("sh", "-c", "rm -f $1 && mkfifo -m 666 $1", "attacker", first.name,
+              cwd=first.parent)
     reader = os.open(first, os.O_RDONLY | os.O_NONBLOCK)   # so that opening to write succeeds
     try:
         before = unsafe("not a regular file")
-        saver.write(3, T0 + 2 * S, line(T0 + 2 * S, 2))
-        within(5, lambda: saver.flush_due(T0 + 3 * S))
+        second = flush_again(saver, first)
         assert os.read(reader, 65536) == b""   # opened and closed, nothing written into it
     finally:
         os.close(reader)
     assert unsafe("not a regular file") == before + 1
-    assert numbers(out / DAY / f"{UUID3}.00001.jsonl.zst") == [2]
-    saver.close(T0 + 4 * S)
+    assert numbers(second) == [2]
 
 
 @pytest.mark.parametrize("level,plant,cause,kind", [
@@ -191,15 +199,25 @@ def test_a_link_or_fifo_where_a_directory_should_be_is_never_followed_and_the_re
     saver.close(T0 + 3 * S)
 
 
-def test_an_old_day_directory_an_uploader_removed_is_not_made_again(tmp_path):
-    saver = Saver(str(tmp_path), PREFIX, Limits(flush_age_ns=S))
+@pytest.mark.parametrize("replaced", [False, True])
+def test_when_an_old_day_directory_is_removed_or_replaced_the_connection_goes_on_today(
+        tmp_path, replaced):
+    out = tmp_path / "out"
+    saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
     saver.write(3, T0, line(T0, 1))
     saver.flush_due(T0 + S)
-    shutil.rmtree(tmp_path / DAY)   # uploaded, day directory and all
+    (out / DAY).rename(tmp_path / "uploaded")
+    if replaced:
+        (out / DAY).symlink_to(tmp_path / "uploaded")
+    before = unsafe("symlink")
     after_midnight = T0 + 400 * S
     saver.write(3, after_midnight, line(after_midnight, 2))
     saver.close(after_midnight + S)
-    assert files(tmp_path) == [f"2026/03/02/{UUID3}.00001.jsonl.zst"]
+
+    assert files(out) == [f"2026/03/02/{UUID3}.00001.jsonl.zst"]   # the old day is not made again
+    assert files(tmp_path / "uploaded") == [f"{UUID3}.00000.jsonl.zst"]
+    assert numbers(tmp_path / "uploaded" / f"{UUID3}.00000.jsonl.zst") == [1]
+    assert unsafe("symlink") == before + replaced
 
 
 def test_a_day_directory_moved_away_gets_no_new_files_after_a_second(tmp_path):
@@ -262,14 +280,22 @@ def poll_count(testnet) -> float:
 METRICS = "-prometheusx.listen-address=127.0.0.1:9990"
 
 
-def test_the_daemon_never_appends_through_an_archive_replaced_by_a_symlink(
-        testnet, shared, daemons):
+def daemon_with_archive(testnet, shared: Path, daemons):
+    """tcp-info that wrote a connection's first archive into day directories the attacker made
+    in advance: (daemon, client, server side, that archive's path)."""
     out = shared / "out"
     as_nobody("mkdir", "-p", *days_ahead(), cwd=out)
     client, server, _ = testnet.connect()
     daemon = daemons(testnet, testnet.ns_a, out, "-flush-age=20ms", METRICS)
     wait_until(lambda: uuid_of(client) in archives(out))
     (first,) = archives(out)[uuid_of(client)]
+    return daemon, client, server, first
+
+
+def test_the_daemon_never_appends_through_an_archive_replaced_by_a_symlink(
+        testnet, shared, daemons):
+    daemon, client, server, first = daemon_with_archive(testnet, shared, daemons)
+    out = shared / "out"
     as_nobody("ln", "-sf", str(shared / "victim"), first.name, cwd=first.parent)
     for _ in range(5):
         client.sendall(b"s" * 1000)
@@ -317,12 +343,7 @@ def test_the_daemon_keeps_records_while_the_year_directory_is_a_symlink_and_writ
 
 def test_an_archive_replaced_by_a_fifo_blocks_neither_polling_nor_shutdown(
         testnet, shared, daemons):
-    out = shared / "out"
-    as_nobody("mkdir", "-p", *days_ahead(), cwd=out)
-    client, server, _ = testnet.connect()
-    daemon = daemons(testnet, testnet.ns_a, out, "-flush-age=20ms", METRICS)
-    wait_until(lambda: uuid_of(client) in archives(out))
-    (first,) = archives(out)[uuid_of(client)]
+    daemon, client, server, first = daemon_with_archive(testnet, shared, daemons)
     as_nobody("sh", "-c", "rm -f $1 && mkfifo $1", "attacker", first.name, cwd=first.parent)
     client.sendall(b"f" * 1000)
     server.recv(65536)
@@ -331,11 +352,12 @@ def test_an_archive_replaced_by_a_fifo_blocks_neither_polling_nor_shutdown(
     polls = poll_count(testnet)
     time.sleep(0.5)
     assert poll_count(testnet) > polls + 10     # 10 ms polls go on
-    assert stat.S_ISFIFO(first.lstat().st_mode)
-    assert len(archives(out)[uuid_of(client)]) == 2
     started = time.monotonic()
     assert daemon.stop() == 0, daemon.text()
     assert time.monotonic() - started < 3
+    assert stat.S_ISFIFO(first.lstat().st_mode)
+    header, *data = read_archive(first.with_name(f"{uuid_of(client)}.00001.jsonl.zst"))
+    assert header.metadata["Sequence"] == 1 and data
 
 
 @pytest.mark.parametrize("mask,flag,env,file_mode,dir_mode", [
