@@ -251,8 +251,9 @@ def test_descriptors_stay_a_few_for_thousands_of_connections_over_many_days(tmp_
     assert open_fds() == baseline
 
 
-@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077])
-@pytest.mark.parametrize("file_mode,dir_mode", [(None, 0o750), (0o644, 0o755), (0o600, 0o700)])
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077], ids=["umask000", "umask022", "umask077"])
+@pytest.mark.parametrize("file_mode,dir_mode", [(None, 0o750), (0o644, 0o755), (0o600, 0o700)],
+                         ids=["default", "0644", "0600"])
 def test_archives_and_directories_get_exactly_the_mode_whatever_the_umask(
         tmp_path, mask, file_mode, dir_mode):
     with umask(mask):
@@ -365,7 +366,7 @@ def test_an_archive_replaced_by_a_fifo_blocks_neither_polling_nor_shutdown(
     (0o022, None, None, 0o640, 0o750),
     (0o000, "-output-mode=0644", None, 0o644, 0o755),
     (0o022, None, {"OUTPUT_MODE": "0600"}, 0o600, 0o700),
-])
+], ids=["default-umask000", "default-umask022", "flag0644-umask000", "env0600-umask022"])
 def test_the_daemon_creates_output_directories_and_archives_with_the_output_mode(
         testnet, tmp_path, daemons, mask, flag, env, file_mode, dir_mode):
     client, _server, _ = testnet.connect()
