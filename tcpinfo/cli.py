@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import cProfile
 import logging
+import marshal
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from tcpinfo.cadence import Cadence
 from tcpinfo.collector import Collector, archive_metadata
 from tcpinfo.eventsocket import EventServer, NullServer
 from tcpinfo.netlink import Poller
+from tcpinfo.outtree import directory_mode, make_output_dir, replace_file
 from tcpinfo.saver import Limits, Saver
 from tcpinfo.sockfilter import Filter
 from tcpinfo.stopsignals import StopSignals
@@ -85,14 +87,15 @@ def usable_cpus(cgroup: str = "/sys/fs/cgroup/cpu.max") -> int:
     return cpus
 
 
-def prepare_output(output: str) -> None:
-    """Creates the output directory if needed and makes it the working directory, as upstream."""
+def prepare_output(output: str, mode: int) -> None:
+    """Creates the output directory if needed (with the directory form of the archives' `mode`)
+    and makes it the working directory, as upstream."""
     if not output:
         return
     if os.path.exists(output) and not os.path.isdir(output):
         raise StartError(f"-output {output!r} is not a directory")
     try:
-        os.makedirs(output, mode=0o755, exist_ok=True)
+        make_output_dir(output, directory_mode(mode))
         os.chdir(output)   # as upstream: relative paths below are relative to the output
     except OSError as err:
         raise StartError(f"-output {output!r}: {err.strerror or err}") from None
@@ -175,7 +178,7 @@ def start_events(config: flags.Config) -> EventServer | NullServer:
 
 def run(config: flags.Config, stops: StopSignals) -> int:
     """Builds the collector from the configuration and runs it until it stops."""
-    prepare_output(config.output)
+    prepare_output(config.output, config.output_mode)
     prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
     start_metrics(config.listen_address)
     poller = make_poller(config)
@@ -188,7 +191,8 @@ def run(config: flags.Config, stops: StopSignals) -> int:
                     conn_limit=config.conn_buffer_limit, total_limit=config.buffer_limit,
                     rotate_ns=config.rotate_interval_ns)
     saver = Saver(os.getcwd(), prefix, limits,
-                  archive_metadata(flags.format_duration(config.poll_interval_ns)))
+                  archive_metadata(flags.format_duration(config.poll_interval_ns)),
+                  config.output_mode)
     collector = Collector(poller, saver, events, prefix,
                           Cadence(config.poll_interval_ns, config.cpu_budget), stops,
                           make_anonymizer(config.anonymize_ip), frozenset(config.count_port))
@@ -200,7 +204,8 @@ def run(config: flags.Config, stops: StopSignals) -> int:
     finally:
         if profiler is not None:
             profiler.disable()
-            profiler.dump_stats(TRACE_FILE)
+            profiler.create_stats()   # Profile.dump_stats would write through a planted link
+            replace_file(TRACE_FILE, marshal.dumps(profiler.stats), config.output_mode)
             log.info("Wrote the profile to %s", os.path.abspath(TRACE_FILE))
     log.info("Done after %d polls", collector.polls)
     return 0

@@ -75,6 +75,7 @@ class Config:
     destroy_events: bool = True
     cpu_budget: float = 0.0
     dump_threads: int = 0   # auto
+    output_mode: int = 0o640
     # For the startup log: "name=value" of every flag, and where a value came from.
     arguments: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -404,6 +405,9 @@ FLAGS: tuple[Flag, ...] = (
          "Most CPU the collector may use, as a share of one CPU (0.25 or 25%); polls are spaced "
          "further apart than -poll-interval when they cost more. 0: no budget.",
          metavar="share"),
+    Flag("output-mode", "output_mode", parse_mode,
+         "Permissions of archive files, in octal, whatever the umask; their directories get the "
+         "same bits plus x wherever r is set (0640 gives 0750).", metavar="mode"),
 )
 _BY_NAME = {f.name: f for f in FLAGS}
 

@@ -79,6 +79,8 @@ ACCOUNTING_ERRORS = (
 CACHE_OPS = ("total", "new", "changed", "expired")
 DESTROY_OUTCOMES = ("final", "short", "excluded", "late", "bad")
 FLOW_EVENT_KINDS = ("open", "close")
+# What was found in the output tree where the collector would not write (UNSAFE_PATHS).
+UNSAFE_PATH_KINDS = ("symlink", "not a directory", "not a regular file", "replaced file")
 
 # --- Upstream's metrics (UPSTREAM.md section 9): names, types, labels, buckets, help. ---
 
@@ -169,6 +171,11 @@ BUILD_INFO = Gauge("tcpinfo_build_info",
 PORT_CONNECTIONS = Gauge(
     "tcpinfo_port_connections",
     "Open connections per local port, for the ports the operator asked to count.", ["port"])
+UNSAFE_PATHS = Counter(
+    "tcpinfo_unsafe_paths_total",
+    "Paths in the output tree left alone because they are not what the collector made: a "
+    "symlink, a non-directory where a directory should be, an archive that is not a regular "
+    "file or was replaced.", ["kind"])
 
 for _af in AF_LABELS.values():
     SYSCALL_TIME.labels(af=_af)
@@ -183,6 +190,8 @@ for _outcome in DESTROY_OUTCOMES:
     DESTROY_NOTIFICATIONS.labels(outcome=_outcome)
 for _event in FLOW_EVENT_KINDS:
     FLOW_EVENTS.labels(event=_event)
+for _kind in UNSAFE_PATH_KINDS:
+    UNSAFE_PATHS.labels(kind=_kind)
 BUILD_INFO.labels(version=tcpinfo.__version__, python=platform.python_version(),
                   kernel=os.uname().release).set(1)
 

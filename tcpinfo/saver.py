@@ -13,6 +13,11 @@ taken (an earlier run of the collector, or a connection seen again) the next fre
 used.  A failed write is undone (partial bytes truncated, a new file removed), counted, logged once
 per cause and retried a second later; while writes fail, records wait in memory within the
 per-connection and global caps, beyond which the oldest are dropped and counted.
+
+Files and directories are reached through tcpinfo.outtree: relative to the output root's and the
+day directory's descriptors, following no link, with the operator's modes.  An archive found to be
+something other than the file this process created (a link, a FIFO, another file) is left alone,
+and the connection goes on in its next sequence file, as when an uploader took the file away.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import zstandard
 
 from tcpinfo import metrics
+from tcpinfo.outtree import FILE_MODE, OutputTree
 from tcpinfo.record import encode_header
 from tcpinfo.uuidprefix import make_uuid
 
@@ -49,7 +55,7 @@ class Limits:
 
 class _Connection:
     """What the saver remembers about one connection; small, because there may be 100,000."""
-    __slots__ = ("cookie", "start_ns", "seq", "day", "expires_ns", "started", "lines", "size",
+    __slots__ = ("cookie", "start_ns", "seq", "day", "expires_ns", "inode", "lines", "size",
                  "first_ns")
 
     def __init__(self, cookie: int, start_ns: int, day: str, expires_ns: int) -> None:
@@ -58,7 +64,7 @@ class _Connection:
         self.seq = 0                    # sequence of the current file
         self.day = day                  # "YYYY/MM/DD" directory of the current file
         self.expires_ns = expires_ns    # a record at or after this time starts the next file
-        self.started = False            # the current file exists and holds its header
+        self.inode = 0                  # the current file's, once it exists with its header
         self.lines: list[bytes] | None = None  # pending lines, None when there are none
         self.size = 0                   # their total length
         self.first_ns = 0               # timestamp of the oldest pending line
@@ -72,8 +78,8 @@ class Saver:
     """
 
     def __init__(self, root: str, prefix: str, limits: Limits = Limits(),
-                 extra_metadata: dict | None = None) -> None:
-        self._root = root
+                 extra_metadata: dict | None = None, file_mode: int = FILE_MODE) -> None:
+        self._tree = OutputTree(root, file_mode)
         self._prefix = prefix
         self._limits = limits
         self._flush_size = limits.flush_size      # the two limits checked on every write
@@ -153,6 +159,7 @@ class Saver:
         while self._dirty:
             conn = next(iter(self._dirty))
             self._drop(conn, len(conn.lines), "shutdown")  # type: ignore[arg-type]
+        self._tree.close()
 
     # -------------------------------------------------------------------------- buffer policy
 
@@ -177,9 +184,9 @@ class Saver:
             return conn
         if conn.lines is not None and ts_ns >= self._retry_ns:
             self._flush(conn, ts_ns)
-        if conn.started:
+        if conn.inode:
             conn.seq += 1
-            conn.started = False
+            conn.inode = 0
         conn.day = self._day(ts_ns)
         conn.expires_ns = ts_ns + self._limits.rotate_ns
         return conn
@@ -235,10 +242,10 @@ class Saver:
         """Writes a connection's pending lines as one frame; False (and retry later) on failure."""
         lines = conn.lines
         try:
-            if conn.started:
+            if conn.inode:
                 self._append(conn, lines, now_ns)  # type: ignore[arg-type]
             else:
-                self._create(conn, lines)  # type: ignore[arg-type]
+                self._create(conn, lines, now_ns)  # type: ignore[arg-type]
         except OSError as err:
             self._write_failed(err, now_ns)
             return False
@@ -251,47 +258,51 @@ class Saver:
             self._failing.clear()
         return True
 
-    def _path(self, conn: _Connection) -> str:
-        return (f"{self._root}/{conn.day}/{make_uuid(self._prefix, conn.cookie)}"
-                f".{conn.seq:05d}.jsonl.zst")
+    def _name(self, conn: _Connection) -> str:
+        return f"{make_uuid(self._prefix, conn.cookie)}.{conn.seq:05d}.jsonl.zst"
 
-    def _create(self, conn: _Connection, lines: list[bytes]) -> None:
+    def _create(self, conn: _Connection, lines: list[bytes], now_ns: int) -> None:
         """Creates the connection's next file (never an existing one) with its header line."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        while True:
-            path = self._path(conn)
-            try:
-                fd = os.open(path, flags, 0o666)
-                break
-            except FileExistsError:
-                conn.seq += 1
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd, inode, dir_fd, name = self._new_file(conn, now_ns)
+        except FileNotFoundError:   # the open day directory was removed: look it up again
+            self._tree.forget(conn.day)
+            fd, inode, dir_fd, name = self._new_file(conn, now_ns)
         header = encode_header(make_uuid(self._prefix, conn.cookie), conn.seq, conn.start_ns,
                                self._extra)
         try:
             _write_all(fd, self._zstd.compress(b"".join([header, *lines])))
+            conn.inode = inode   # appends check that the file is still this one
         except OSError:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dir_fd)
             raise
         finally:
             os.close(fd)
-        conn.started = True
         metrics.NEW_FILES.inc()
+
+    def _new_file(self, conn: _Connection, now_ns: int) -> tuple[int, int, int, str]:
+        """Creates the first free sequence's file: its descriptor and inode, its directory's
+        descriptor and its name."""
+        dir_fd, _ = self._tree.day(conn.day, now_ns)
+        while True:
+            name = self._name(conn)
+            try:
+                return (*self._tree.create(dir_fd, name), dir_fd, name)
+            except FileExistsError:
+                conn.seq += 1
 
     def _append(self, conn: _Connection, lines: list[bytes], now_ns: int) -> None:
         """Appends one frame; a partial write is cut off again so the file stays whole frames."""
-        try:
-            fd = os.open(self._path(conn), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except FileNotFoundError:
-            # Someone (an uploader) took the file away: go on in a new file, with a header.
+        opened = self._tree.reopen(conn.day, self._name(conn), conn.inode, now_ns)
+        if opened is None:
+            # Taken away (an uploader) or replaced: go on in a new file, with a header.
             conn.seq += 1
-            conn.started = False
+            conn.inode = 0
             conn.day = self._day(now_ns)
-            self._create(conn, lines)
+            self._create(conn, lines, now_ns)
             return
+        fd, size = opened
         try:
-            size = os.fstat(fd).st_size
             try:
                 _write_all(fd, self._zstd.compress(b"".join(lines)))
             except OSError:
