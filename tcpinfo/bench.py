@@ -193,18 +193,23 @@ def _vm_rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def _poll_totals(topo: Topology) -> tuple[float, float]:
-    """(seconds, polls) so far from the daemon's tcpinfo_polling_interval_histogram."""
+def daemon_metrics(topo: Topology) -> dict[str, float]:
+    """Every sample of the /metrics of a daemon listening on 127.0.0.1:9990 in namespace b."""
     import urllib.request
     with topo.inside(topo.ns_b):
         with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=10) as reply:
             text = reply.read().decode()
     values = {}
     for row in text.splitlines():
-        name, _, value = row.partition(" ")
-        if name in ("tcpinfo_polling_interval_histogram_sum",
-                    "tcpinfo_polling_interval_histogram_count"):
+        if row and not row.startswith("#"):
+            name, _, value = row.rpartition(" ")
             values[name] = float(value)
+    return values
+
+
+def _poll_totals(topo: Topology) -> tuple[float, float]:
+    """(seconds, polls) so far from the daemon's tcpinfo_polling_interval_histogram."""
+    values = daemon_metrics(topo)
     return (values["tcpinfo_polling_interval_histogram_sum"],
             values["tcpinfo_polling_interval_histogram_count"])
 

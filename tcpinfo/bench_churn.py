@@ -19,8 +19,8 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 
+from tcpinfo.bench import daemon_metrics
 from tcpinfo.netns import Topology
 
 PORT = 7000
@@ -75,18 +75,6 @@ def _clients(topo: Topology, ns: str, rate: float, seconds: float, hold: float) 
             next_at = max(next_at + period, now - period)
 
 
-def _metrics(topo: Topology) -> dict[str, float]:
-    with topo.inside(topo.ns_b):
-        with urllib.request.urlopen("http://127.0.0.1:9990/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-    values = {}
-    for row in text.splitlines():
-        if row and not row.startswith("#"):
-            name, _, value = row.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -117,7 +105,7 @@ def run_rate(rate: float, seconds: float, workers: int, flags: list[str],
         server = ctx.Process(target=_serve, args=(topo, stop, accepted), daemon=True)
         server.start()
         time.sleep(0.3)
-        before = _metrics(topo)
+        before = daemon_metrics(topo)
         cpu0 = _cpu_seconds(proc.pid)
         clients = [ctx.Process(target=_clients, args=(topo, client_ns, rate / workers, seconds,
                                                       hold), daemon=True) for _ in range(workers)]
@@ -130,7 +118,7 @@ def run_rate(rate: float, seconds: float, workers: int, flags: list[str],
         time.sleep(2.0)   # every connection closed, its notification read
         stop.set()
         server.join(5)
-        after = _metrics(topo)
+        after = daemon_metrics(topo)
         cpu = _cpu_seconds(proc.pid) - cpu0
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)

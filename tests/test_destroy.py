@@ -190,3 +190,21 @@ def test_notifications_lost_to_a_full_buffer_are_counted_and_polls_close_the_res
         proc.wait()
     assert overruns >= 1
     assert set(closed) == cookies
+
+
+def test_notifications_wait_in_the_collector_while_the_poll_thread_is_busy(testnet):
+    """The kernel's buffer holds a dozen notifications here, and nobody polls for a second
+    while 300 connections close one by one: the core's reader thread has queued every one."""
+    with testnet.inside(testnet.ns_a):
+        poller = Poller()
+        poller.listen_destroyed(rcvbuf=16384, grace_ns=100_000_000)
+    pairs = testnet.open_many(300)
+    cookies = {cookie_of(client) for client, _ in pairs}
+    assert {c.cookie for c in poller.poll().changes} == cookies
+    for client, server in pairs:   # the poll thread is "busy": this loop is all it does
+        client.close()
+        server.close()
+        time.sleep(0.003)
+    result = poller.drain()
+    assert result.destroy.overruns == 0
+    assert {c.cookie for c in result.destroyed} == cookies
