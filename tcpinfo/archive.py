@@ -23,11 +23,12 @@ SKIPPABLE_MAGIC = 0x184D2A50
 """Skippable frames are 0x184D2A50-0x184D2A5F: a 4-byte length, then data no decoder reads."""
 BLOCK_MAX = 128 * 1024
 """The most one zstd block can regenerate (RFC 8878 Block_Maximum_Size)."""
-STEP = 1 << 20
+STEP = 1 << 18
 """Text per step: plain bytes per read, and the zstd output that ends a batch of blocks (a batch
-regenerates at most STEP + BLOCK_MAX bytes).  Big enough that the C row converter gets long runs
-of lines, small enough that memory stays flat."""
-READ = 1 << 15
+regenerates at most STEP + BLOCK_MAX bytes).  Big enough that the C row converter gets runs of
+hundreds of lines, small enough that a step's text stays in a core's cache (1 MiB steps made
+csvtool ~5% slower) and memory stays flat."""
+READ = 1 << 17
 """Compressed bytes per read."""
 MAX_LINE_BYTES = 1 << 20
 """Default longest line (without its newline); real records are 1-2 KB."""
@@ -56,80 +57,90 @@ class _Truncated(zstandard.ZstdError):
 
 
 class _Input:
-    """The compressed stream, handed out in exact amounts (the frame walker's view of it)."""
+    """The compressed stream as a window the frame walker moves through: it reads headers and
+    steps over them and over block bodies (``take``), and hands everything stepped over since the
+    last ``batch`` to libzstd as one view of the window.  Bytes are not copied after the read that
+    brings them in, except a batch cut by the end of a window (moved to the front of the next)."""
 
     def __init__(self, stream: BinaryIO, first: bytes) -> None:
         self._stream = stream
-        self._buf = first
-        self._pos = 0
+        self._buf = memoryview(first)
+        self._pos = self._start = 0   # where the walker is; where the current batch starts
 
-    def take(self, n: int) -> bytes:
-        """The next ``n`` bytes; fewer only where the input ends."""
-        end = self._pos + n
-        if end > len(self._buf):
-            parts = [self._buf[self._pos:]]
-            have = len(parts[0])
-            while have < n:
-                more = self._stream.read(max(READ, n - have))
-                if not more:
-                    break
-                parts.append(more)
-                have += len(more)
-            self._buf, self._pos, end = b"".join(parts), 0, n
-        out = self._buf[self._pos:end]
-        self._pos = end
-        return out
+    def peek(self, n: int) -> memoryview:
+        """Up to ``n`` bytes from the walker's position (fewer only where the input ends)."""
+        if self._pos + n > len(self._buf):
+            self._refill(self._pos - self._start + n)
+        return self._buf[self._pos:self._pos + n]
 
-    def exactly(self, n: int) -> bytes:
-        """The next ``n`` bytes; _Truncated if the input ends first."""
-        out = self.take(n)
+    def take(self, n: int) -> memoryview:
+        """Steps over the next ``n`` bytes and returns them; _Truncated if the input ends first."""
+        out = self.peek(n)
         if len(out) < n:
             raise _Truncated(TRUNCATED)
+        self._pos += n
+        return out
+
+    def batch(self) -> memoryview:
+        """Everything stepped over since the last batch."""
+        out = self._buf[self._start:self._pos]
+        self._start = self._pos
         return out
 
     def skip(self, n: int) -> None:
-        """Drops ``n`` bytes a read at a time (a skippable frame may be gigabytes)."""
+        """Steps over ``n`` bytes, keeping none (a skippable frame may be gigabytes)."""
+        self.batch()
         while n:
-            got = len(self.take(min(n, READ)))
-            if not got:
-                raise zstandard.ZstdError("truncated skippable frame (unexpected end of file)")
-            n -= got
+            step = len(self.peek(min(n, READ)))
+            if not step:
+                raise _Truncated("truncated skippable frame (unexpected end of file)")
+            self._pos = self._start = self._pos + step
+            n -= step
+
+    def _refill(self, want: int) -> None:
+        """A new window holding the current batch and at least ``want`` bytes from its start."""
+        keep = self._buf[self._start:]
+        window = bytearray(max(want, len(keep) + READ))
+        window[:len(keep)] = keep
+        view, have = memoryview(window), len(keep)
+        while have < want and (got := self._stream.readinto(view[have:])):
+            have += got
+        self._buf = view[:have]
+        self._pos -= self._start
+        self._start = 0
 
 
-def _frame_blocks(src: _Input, magic: bytes) -> Iterator[bytes]:
-    """One zstd frame's compressed bytes, cut into batches of whole blocks that regenerate (and
-    hold) at most STEP + BLOCK_MAX bytes each: the first starts with the frame header, the last
-    ends with the checksum.
+def _frame_batches(src: _Input) -> Iterator[memoryview]:
+    """One zstd frame's compressed bytes (``src`` is at its magic number), cut into batches of
+    whole blocks that regenerate (and hold) at most STEP + BLOCK_MAX bytes each: the first starts
+    with the frame header, the last ends with the checksum.
 
     Only the sizes in the headers are read here (RFC 8878 §3.1.1); libzstd checks everything
     else.  If the input ends inside the frame, the whole blocks before the cut are yielded, then
     _Truncated is raised.
     """
-    descriptor = src.exactly(1)[0]
+    descriptor = src.take(5)[4]
     single_segment = descriptor >> 5 & 1
-    header_rest = ((1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
-                   + (single_segment, 2, 4, 8)[descriptor >> 6])
-    batch = [magic, bytes((descriptor,)), src.exactly(header_rest)]
+    src.take((1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + (single_segment, 2, 4, 8)[descriptor >> 6])
     weight = 0  # bounds both the compressed bytes in the batch and the text they regenerate
     try:
         while True:
-            head = src.exactly(3)
-            value = int.from_bytes(head, "little")
+            value = int.from_bytes(src.take(3), "little")
             kind, size = value >> 1 & 3, value >> 3
             if kind == 3:
                 raise zstandard.ZstdError("corrupt zstd block (reserved block type)")
-            batch += (head, src.exactly(1 if kind == 1 else size))  # RLE: one byte, `size` times
+            src.take(1 if kind == 1 else size)  # RLE: one byte, `size` times
             weight += 3 + (BLOCK_MAX if kind == 2 else size)  # empty blocks weigh their header
             if value & 1:  # the last block
                 if descriptor & 4:
-                    batch.append(src.exactly(4))
-                yield b"".join(batch)
+                    src.take(4)
+                yield src.batch()
                 return
             if weight >= STEP:
-                yield b"".join(batch)
-                batch, weight = [], 0
+                yield src.batch()
+                weight = 0
     except _Truncated:
-        yield b"".join(batch)  # the whole blocks before the cut are still decoded
+        yield src.batch()  # the whole blocks before the cut are still decoded
         raise
 
 
@@ -146,19 +157,19 @@ def _zstd_chunks(first: bytes, stream: BinaryIO) -> Iterator[bytes]:
     src = _Input(stream, first)
     dctx = zstandard.ZstdDecompressor()
     while True:
-        magic = src.take(4)
+        magic = src.peek(4)
         if not magic:
             return
         if len(magic) < 4:
             raise _Truncated(TRUNCATED)
         value = int.from_bytes(magic, "little")
         if value & ~0xF == SKIPPABLE_MAGIC:
-            src.skip(int.from_bytes(src.exactly(4), "little"))
+            src.skip(int.from_bytes(src.take(8)[4:], "little"))
             continue
         if value != ZSTD_MAGIC:
             raise zstandard.ZstdError(f"not a zstd frame: {magic.hex()} (garbage after the last frame?)")
         dobj = dctx.decompressobj()
-        for batch in _frame_blocks(src, magic):
+        for batch in _frame_batches(src):
             out = dobj.decompress(batch)
             if out:
                 yield out
