@@ -108,7 +108,8 @@ def test_a_file_starting_with_a_skippable_frame_is_read_as_zstd(tmp_path: Path) 
 
 @pytest.mark.parametrize("archive_path", ARCHIVES, ids=lambda p: p.name)
 def test_every_test_data_archive_reads_as_libzstd_decodes_it(archive_path: Path) -> None:
-    assert lines_of(open(archive_path, "rb")) == numbered(plain(archive_path).splitlines())
+    with open(archive_path, "rb") as stream:
+        assert lines_of(stream) == numbered(plain(archive_path).splitlines())
 
 
 def test_every_cut_of_a_multi_frame_file_is_reported_unless_it_falls_between_frames() -> None:
