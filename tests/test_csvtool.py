@@ -31,7 +31,8 @@ def expected_csv(archive: Path) -> bytes:
 
 
 def plain(archive: Path) -> bytes:
-    return zstandard.ZstdDecompressor().stream_reader(open(archive, "rb")).read()
+    with open(archive, "rb") as compressed:
+        return zstandard.ZstdDecompressor().stream_reader(compressed).read()
 
 
 def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -73,7 +74,8 @@ class MeasuredRun:
             time.sleep(0.02)
         _, status, usage = waited
         self._proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        count = int(self._wc.stdout.read())
+        with self._wc.stdout as counted:
+            count = int(counted.read())
         self._wc.wait()
         with self._err as err:
             err.seek(0)
