@@ -13,7 +13,7 @@ from typing import BinaryIO
 import orjson
 
 from . import __version__
-from .archive import STDIN, ArchiveError, expand_paths, read_text
+from .archive import MAX_LINE_BYTES, STDIN, ArchiveError, expand_paths, read_text
 from .inetdiag import (
     INET_DIAG_CONG,
     SCALAR_ATTRIBUTES,
@@ -102,12 +102,13 @@ class BadInput(Exception):
 
 
 def convert(paths: list[str], out: BinaryIO, *, schema: str = "upstream", json_lines: bool = False,
-            skip_bad: bool = False) -> tuple[int, int]:
+            skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[int, int]:
     """Stream every line of ``paths`` to ``out``; returns (rows written, bad lines skipped).
 
     Raises BadInput (or ArchiveError for unreadable/corrupt files) on the first bad line unless
-    ``skip_bad``; the rows before it are written.  Input is read a block at a time, so memory
-    stays flat whatever the size.
+    ``skip_bad``; the rows before it are written.  Input is read a block at a time and a line
+    longer than ``max_line_bytes`` is bad input, never held, so memory stays flat whatever the
+    input (even a small zstd file that expands to gigabytes without a newline).
     """
     converter: UpstreamConverter | ModernConverter = (
         UpstreamConverter() if schema == "upstream" and not json_lines else ModernConverter(json_lines))
@@ -117,13 +118,13 @@ def convert(paths: list[str], out: BinaryIO, *, schema: str = "upstream", json_l
     written = skipped = 0
     for path in paths:
         converter.start_file()
-        w, s = convert_file(converter, path, out, skip_bad)
+        w, s = convert_file(converter, path, out, skip_bad, max_line_bytes)
         written, skipped = written + w, skipped + s
     return written, skipped
 
 
 def convert_file(converter: UpstreamConverter | ModernConverter, path: str, out: BinaryIO,
-                  skip_bad: bool) -> tuple[int, int]:
+                 skip_bad: bool, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[int, int]:
     """One file through ``converter``; returns (rows written, bad lines skipped).
 
     Each block goes to the converter's fast path; the lines it leaves go through ``row`` one at a
@@ -131,7 +132,12 @@ def convert_file(converter: UpstreamConverter | ModernConverter, path: str, out:
     """
     name = "<stdin>" if path == STDIN else path
     written = skipped = 0
-    for lineno, text in read_text(path):
+    for lineno, text in read_text(path, max_line_bytes):
+        if text is None:  # the reader has already dropped it
+            if not skip_bad:
+                raise BadInput(f"{name}:{lineno}: line longer than {max_line_bytes} bytes (--max-line-bytes)")
+            skipped += 1
+            continue
         pos = 0
         while True:
             pos, rows = converter.write_rows(text, pos, out)
@@ -155,6 +161,17 @@ def convert_file(converter: UpstreamConverter | ModernConverter, path: str, out:
     return written, skipped
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: want a positive integer")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="csvtool",
@@ -168,7 +185,10 @@ def _parser() -> argparse.ArgumentParser:
                         "every kernel field, UUID column, no metadata row")
     p.add_argument("--json", action="store_true", help="write decoded JSON lines (modern field names)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip lines that cannot be decoded and report how many on stderr")
+                   help="skip lines that cannot be decoded (or are too long) and report how many on stderr")
+    p.add_argument("--max-line-bytes", type=_positive, default=MAX_LINE_BYTES, metavar="N",
+                   help=f"a longer line is bad input, dropped unread (default {MAX_LINE_BYTES}; records "
+                        "are 1-2 KB): keeps memory bounded on input without newlines")
     p.add_argument("-version", "--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = expand_paths(args.files) if args.files else [STDIN]
         _, skipped = convert(paths, sys.stdout.buffer, schema=args.schema, json_lines=args.json,
-                             skip_bad=args.skip_bad)
+                             skip_bad=args.skip_bad, max_line_bytes=args.max_line_bytes)
         sys.stdout.flush()
     except (BadInput, ArchiveError) as exc:
         print(f"csvtool: {exc}", file=sys.stderr)

@@ -6,14 +6,16 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 import pytest
 import zstandard
 from paths import ARCHIVES, FINWAIT, NDT, TESTDATA, script
 
-from tcpinfo.archive import read_archive
 from tcpinfo.bench_csvtool import write_archive
 
 CSVTOOL = script("csvtool")
@@ -24,11 +26,60 @@ def expected_csv(archive: Path) -> bytes:
 
 
 def plain(archive: Path) -> bytes:
-    return zstandard.ZstdDecompressor().stream_reader(open(archive, "rb")).read()
+    with open(archive, "rb") as compressed:
+        return zstandard.ZstdDecompressor().stream_reader(compressed).read()
 
 
 def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([CSVTOOL, *args], input=stdin, capture_output=True, timeout=120)
+
+
+class Measured(NamedTuple):
+    returncode: int
+    stderr: str
+    peak_rss_kib: int
+    """The csvtool process's own peak resident set (wait4's ru_maxrss)."""
+    rows: int
+    """Lines it wrote (counted by ``wc -l`` as they stream, so output of any size costs no memory)."""
+
+
+class MeasuredRun:
+    """csvtool started on real files, stdin read from the file ``stdin``; its output is counted by
+    ``wc -l`` as it streams, so output of any size costs no memory.  Several can run at once."""
+
+    def __init__(self, *args: str, stdin: str = os.devnull) -> None:
+        self.args = args
+        with open(stdin, "rb") as source:
+            self._err = tempfile.TemporaryFile()
+            self._wc = subprocess.Popen(["wc", "-l"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self._proc = subprocess.Popen([CSVTOOL, *args], stdin=source, stdout=self._wc.stdin,
+                                          stderr=self._err)
+        self._wc.stdin.close()
+
+    def result(self, timeout: float = 120) -> Measured:
+        """Waits for csvtool; fails the test if it has not ended after ``timeout`` seconds (input
+        without end must still end, with an error)."""
+        deadline = time.monotonic() + timeout
+        while not (waited := os.wait4(self._proc.pid, os.WNOHANG))[0]:
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                os.wait4(self._proc.pid, 0)
+                self._wc.wait()
+                pytest.fail(f"csvtool {' '.join(self.args)} still running after {timeout} s")
+            time.sleep(0.02)
+        _, status, usage = waited
+        self._proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        with self._wc.stdout as counted:
+            count = int(counted.read())
+        self._wc.wait()
+        with self._err as err:
+            err.seek(0)
+            return Measured(self._proc.returncode, err.read().decode(), usage.ru_maxrss, count)
+
+
+def run_measured(*args: str, stdin: str = os.devnull, timeout: float = 120) -> Measured:
+    """One MeasuredRun to its end."""
+    return MeasuredRun(*args, stdin=stdin).result(timeout)
 
 
 def rows(output: bytes) -> list[dict[str, str]]:
@@ -173,30 +224,21 @@ def test_one_million_records_convert_in_bounded_memory(tmp_path: Path, monkeypat
     big = tmp_path / "big.jsonl.zst"
     write_archive(small, 1_000)
     write_archive(big, 1_000_000)
-
-    def peak_rss_kib(path: Path) -> tuple[int, int]:
-        with open(os.devnull, "wb") as sink:
-            proc = subprocess.Popen([CSVTOOL, str(path)], stdout=sink)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        assert proc.returncode == 0
-        return usage.ru_maxrss, sum(1 for _ in read_archive(str(path)))
-
-    small_rss, _ = peak_rss_kib(small)
-    big_rss, lines = peak_rss_kib(big)
-    assert lines == 1_000_000
+    small_run, big_run = run_measured(str(small)), run_measured(str(big))
+    assert small_run.returncode == big_run.returncode == 0, big_run.stderr
+    assert big_run.rows == 1 + 1_000_000  # header and one row per record
     # The decompressed input is ~580 MB; a streaming converter stays within a few tens of MB of
     # what it needs for a thousand records (memo tables are capped; measured: +10 MiB).
-    assert big_rss < small_rss + 32 * 1024, (small_rss, big_rss)
+    assert big_run.peak_rss_kib < small_run.peak_rss_kib + 32 * 1024, (small_run, big_run)
 
 
 def test_a_line_spanning_many_chunks_and_a_last_line_without_newline_are_read_whole(tmp_path):
     from tcpinfo import archive
-    long_line = b"x" * (archive.CHUNK * 40 + 17)
+    long_line = b"x" * (archive.STEP * 5 + 17)
     lines = [b"first", long_line, b"", b"middle", long_line[:-5] + b"end"]
     path = tmp_path / "long.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines)))   # no final newline
-    assert list(archive.read_archive(str(path))) == list(enumerate(lines, 1))
+    assert list(archive.read_archive(str(path), len(long_line))) == list(enumerate(lines, 1))
     plain = tmp_path / "long.jsonl"
     plain.write_bytes(b"\n".join(lines) + b"\n")
-    assert list(archive.read_archive(str(plain))) == list(enumerate(lines, 1))
+    assert list(archive.read_archive(str(plain), len(long_line))) == list(enumerate(lines, 1))
