@@ -172,8 +172,9 @@ print(json.dumps([sorted(closed), overruns]), flush=True)
 def test_notifications_lost_to_a_full_buffer_are_counted_and_polls_close_the_rest(testnet):
     pairs = testnet.open_many(60)
     cookies = {cookie_of(client) for client, _ in pairs}
-    proc = testnet.popen(testnet.ns_a, sys.executable, "-c", STOPPABLE_POLLER, str(len(pairs)),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # -P: the installed package, not the source tree in the working directory (no C core there)
+    proc = testnet.popen(testnet.ns_a, sys.executable, "-P", "-c", STOPPABLE_POLLER,
+                         str(len(pairs)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert set(json.loads(proc.stdout.readline())) == cookies
         proc.send_signal(signal.SIGSTOP)   # nobody reads: most notifications are dropped
