@@ -74,8 +74,9 @@ def run(config: flags.Config) -> int:
         os.chdir(config.output)   # as upstream: relative paths below are relative to the output
     prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
     if config.listen_address:
-        port = metrics.start_http_server(config.listen_address)
-        log.info("Serving metrics on port %d", port)
+        host, port = metrics.start_http_server(config.listen_address, config.max_connections)
+        log.info("Serving metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+                 port)
     sockets = Filter(local=config.exclude_local, srcports=set(config.exclude_srcport),
                      dstips=list(config.exclude_dstip), include_nets=list(config.include_ip),
                      include_ports=list(config.include_port))
@@ -105,7 +106,8 @@ def run(config: flags.Config) -> int:
         poller.close()
         raise
     events = (EventServer(config.eventsocket, mode=config.eventsocket_mode,
-                          queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay)
+                          queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay,
+                          max_clients=config.eventsocket_max_clients)
               if config.eventsocket else NullServer())
     try:
         events.start()

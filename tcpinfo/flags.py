@@ -60,6 +60,8 @@ class Config:
     destroy_events: bool = True
     cpu_budget: float = 0.0
     dump_threads: int = 0   # auto
+    eventsocket_max_clients: int = 100
+    max_connections: int = 32
     # For the startup log: "name=value" of every flag, and where a value came from.
     arguments: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -235,6 +237,14 @@ def parse_queue(text: str) -> int:
     return value
 
 
+def parse_cap(text: str) -> int:
+    """A positive client or connection count (Go integer syntax)."""
+    value = parse_go_int(text)
+    if value < 1:
+        raise ValueError(f"limit {text!r} must be at least 1")
+    return value
+
+
 def parse_text(text: str) -> str:
     return text
 
@@ -359,6 +369,13 @@ FLAGS: tuple[Flag, ...] = (
          "Most CPU the collector may use, as a share of one CPU (0.25 or 25%); polls are spaced "
          "further apart than -poll-interval when they cost more. 0: no budget.",
          metavar="share"),
+    Flag("tcpinfo.eventsocket-max-clients", "eventsocket_max_clients", parse_cap,
+         "Most clients served at once on the event socket; one more is closed at once and "
+         "counted. At most a quarter of the open-file limit.", metavar="int"),
+    Flag("prometheusx.max-connections", "max_connections", parse_cap,
+         "Most connections open at once to the /metrics server; one more replaces the oldest "
+         "still sending its request, or is closed if all are being answered (both counted). At "
+         "most a quarter of the open-file limit.", metavar="int"),
 )
 _BY_NAME = {f.name: f for f in FLAGS}
 

@@ -64,7 +64,7 @@ for _vector in (metrics.LARGE_NETLINK, metrics.NETLINK_SKIPPED, metrics.WRITE_ER
     _vector.labels("test")
 metrics.PORT_CONNECTIONS.labels(port="443")
 
-PORT = metrics.start_http_server("127.0.0.1:0")
+HOST, PORT = metrics.start_http_server("127.0.0.1:0")
 
 
 def scrape(url: str = f"http://127.0.0.1:{PORT}/metrics") -> str:
@@ -160,8 +160,8 @@ def test_dump_error_counts_in_ours_and_upstreams_series():
                                                ("[::1]:0", "[::1]"),
                                                ("localhost:0", "127.0.0.1")])
 def test_go_listen_addresses_are_served(address, url_host):
-    port = metrics.start_http_server(address)
-    assert port > 0
+    host, port = metrics.start_http_server(address)
+    assert port > 0 and host == {":0": "::", "[::1]:0": "::1", "localhost:0": "127.0.0.1"}[address]
     assert "tcpinfo_snapshot_total" in scrape(f"http://{url_host}:{port}/metrics")
 
 
