@@ -7,7 +7,7 @@ a scanner would:
   * event clients that connect and never read, held;
   * slow HTTP clients (half send nothing, half a partial request), held, then closed at once.
 For every window it prints polls per second, daemon CPU per poll (all its threads: what the servers
-cost lands here), threads, open file descriptors and resident memory.
+cost lands here), and the peak threads, open file descriptors and resident memory.
 
     python -m tcpinfo.bench_servers [-s SECONDS] [--tcp-info PATH]
 
@@ -179,24 +179,36 @@ def proc_status(pid: int) -> dict:
             "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
 
 
-def polls(topo: Topology, ns: str, port: int = METRICS_PORT, timeout: float = 30.0) -> float:
-    """The daemon's poll count so far (tcpinfo_polling_interval_histogram_count)."""
+def polls(topo: Topology, ns: str, port: int = METRICS_PORT,
+          timeout: float = 30.0) -> tuple[float, float]:
+    """(polls, seconds between their starts) so far, from tcpinfo_polling_interval_histogram."""
     with topo.inside(ns):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
             text = r.read().decode()
-    match = re.search(r"^tcpinfo_polling_interval_histogram_count (\S+)$", text, re.M)
-    return float(match[1])
+    values = [float(re.search(rf"^tcpinfo_polling_interval_histogram_{name} (\S+)$", text, re.M)[1])
+              for name in ("count", "sum")]
+    return values[0], values[1]
 
 
 def measure(topo: Topology, ns: str, pid: int, seconds: float) -> dict:
-    """Polls per second and CPU ms per poll over a window, with the process's state at its end."""
-    t0, p0, c0 = time.monotonic(), polls(topo, ns), proc_status(pid)["cpu_s"]
-    time.sleep(seconds)
-    p1, t1 = polls(topo, ns), time.monotonic()
-    status = proc_status(pid)
-    n = max(p1 - p0, 1)
-    return {"polls_per_s": (p1 - p0) / (t1 - t0),
-            "cpu_ms_per_poll": (status["cpu_s"] - c0) * 1e3 / n, **status}
+    """Polls per second and CPU ms per poll over a window, and the process's peak threads, open
+    fds and resident MB, sampled every 0.1 s.
+
+    The rate is the daemon's own: polls over the time between their starts, so a scrape that
+    waits (e.g. for a SYN retry while slow clients fill the backlog) does not count as slow polls.
+    """
+    (n0, s0), c0 = polls(topo, ns), proc_status(pid)["cpu_s"]
+    peak = proc_status(pid)
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        time.sleep(0.1)
+        now = proc_status(pid)
+        peak = {k: max(v, now[k]) for k, v in peak.items()}
+    n1, s1 = polls(topo, ns)
+    cpu = proc_status(pid)["cpu_s"]
+    return {"polls_per_s": (n1 - n0) / max(s1 - s0, 1e-9),
+            "cpu_ms_per_poll": (cpu - c0) * 1e3 / max(n1 - n0, 1),
+            "threads": peak["threads"], "fds": peak["fds"], "rss_mb": peak["rss_mb"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +287,7 @@ def _answers(topo: Topology) -> bool:
 
 def print_rows(rows: list[tuple[str, dict]]) -> None:
     print(f"| {'load':40} | {'polls/s':>7} | {'CPU ms/poll':>11} | {'threads':>7} | {'fds':>5} | "
-          f"{'RSS MB':>6} | load |")
+          f"{'RSS MB':>6} | load |  (threads, fds, RSS: peaks)")
     print(f"|{'-' * 42}|{'-' * 9}|{'-' * 13}|{'-' * 9}|{'-' * 7}|{'-' * 8}|------|")
     for name, r in rows:
         if "polls_per_s" not in r:

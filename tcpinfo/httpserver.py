@@ -14,7 +14,7 @@ prometheus_client's server starts a thread per connection, listens with a backlo
     fifth of the time (the next starts no sooner than 4x the last one's duration after it ends), so
     scrapes cannot monopolize the GIL the poll thread needs.
 A connection holds at most its request header and one response (an exposition shared with the other
-connections answered with it).  The listen backlog is BACKLOG.
+connections answered with it).
 """
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, fd_share
 
 log = logging.getLogger(__name__)
 
-BACKLOG = 128
+BACKLOG = 1024
+"""Connections the kernel queues before accept(): a burst of a thousand slow clients fits, so a
+scrape that comes with them waits its turn instead of a SYN retry (Go listens with 4096)."""
 MAX_HEADER = 8192
 """Most bytes of request line and headers a client may send."""
 METRICS_PATH = "/metrics"
@@ -88,7 +90,7 @@ class HTTPServer:
         self._timeout = timeout
         self._listener = listen(host, port)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        self.max_connections = max_connections
+        self.max_connections = fd_share(max_connections, "the /metrics server")
         self._reading: OrderedDict[_Conn, None] = OrderedDict()   # by deadline = by arrival
         self._writing: OrderedDict[_Conn, None] = OrderedDict()   # by deadline
         self._waiting: list[_Conn] = []
@@ -97,13 +99,15 @@ class HTTPServer:
         self._next_generation = 0.0
         self._closing = False
         self._loop = Loop("metrics-http", self._woken)
+        # Accepting no more at a time than the cap lets a new connection's request, usually
+        # already received, be read before later arrivals could evict it.
         self._acceptor = Acceptor(self._loop, self._listener, self._admit,
-                                  counters.accept_errors, "the /metrics server")
+                                  counters.accept_errors, "the /metrics server",
+                                  batch=self.max_connections)
         self._log = RateLimitedLog(log)
 
     def start(self) -> None:
         """Serves from a daemon thread; OSError (listener closed) if no thread can be had."""
-        self.max_connections = fd_share(self.max_connections, "the /metrics server")
         try:
             self._loop.start()
         except OSError:

@@ -8,9 +8,12 @@ descriptors: it counts the failure, logs it at most once a minute, stops accepti
 `ACCEPT_BACKOFF` seconds and serves the clients it has meanwhile.
 
 The poll thread shares the GIL with these threads, and a thread that wants the GIL back after a
-system call can wait a whole switch interval (5 ms) behind a busy one.  So a loop works in stretches
-of about `STRETCH` seconds and then sleeps as long as it worked: under any load a server takes at
-most about half of one CPU, and the poll thread never waits for the GIL much longer than a stretch.
+system call can wait a whole switch interval (5 ms) behind a busy one; on a busy host it also
+shares the CPUs.  So a loop pays for its work with REST times as much idle time: once its work not
+yet paid for by waiting in select() reaches `STRETCH`, it sleeps REST times that long.  Under any
+load a server thus takes at most a fifth of one CPU, and the poll thread never waits for the GIL
+much longer than a stretch.  Within a turn, clients are served before new connections are
+accepted, so the hang-ups of a connect/close flood are closed before more come in.
 """
 from __future__ import annotations
 
@@ -30,15 +33,15 @@ from prometheus_client import Counter
 log = logging.getLogger(__name__)
 
 STRETCH = 0.001
-"""Seconds a loop works before it rests as long as it worked (see the module docstring)."""
+"""Seconds of work after which a loop rests (see the module docstring)."""
+REST = 4
+"""Idle seconds per second of work: a loop takes at most 1/(1+REST) of a CPU."""
 ACCEPT_BACKOFF = 0.1
 """Seconds an acceptor pauses after accept() fails for want of descriptors or memory."""
 ACCEPT_BATCH = 32
 """Connections accepted per readiness of the listener, so a flood cannot monopolize a turn."""
 LOG_EVERY = 60.0
 """Seconds between two messages about the same recurring event (refusals, accept errors)."""
-RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-"""accept() errors that say the process or system is out of something; they are counted."""
 
 Handler = Callable[[int], None]
 
@@ -63,6 +66,7 @@ class Loop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._log = RateLimitedLog(log)
+        self._last: set[int] = set()   # fds whose handlers run after the others in a turn
         self.watch(self._wake_r, selectors.EVENT_READ, self._woken)
 
     def start(self) -> None:
@@ -74,8 +78,11 @@ class Loop:
             raise OSError(errno.EAGAIN, f"cannot start the {self.name} thread: {err}") from None
         self._thread = thread
 
-    def watch(self, sock: socket.socket, events: int, handler: Handler) -> None:
-        """Calls handler(events that happened) whenever `sock` is ready for any of `events`."""
+    def watch(self, sock: socket.socket, events: int, handler: Handler, last: bool = False) -> None:
+        """Calls handler(events that happened) whenever `sock` is ready for any of `events`;
+        with `last`, after every other handler of the turn, however long they took."""
+        if last:
+            self._last.add(sock.fileno())
         key = self._selector.get_map().get(sock)
         if key is None:
             self._selector.register(sock, events, handler)
@@ -86,6 +93,7 @@ class Loop:
         """Stops watching a socket (before it is closed); forgetting an unwatched one is a no-op."""
         if self._selector.get_map().get(sock) is not None:
             self._selector.unregister(sock)
+            self._last.discard(sock.fileno())
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         """Runs callback on the loop's thread once time.monotonic() reaches `when`."""
@@ -123,21 +131,31 @@ class Loop:
 
     def _run(self) -> None:
         selector, registered = self._selector, self._selector.get_map()
+        worked = 0.0   # work not yet paid for by REST times as much idle time or sleep
         try:
             while not self._stopping:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
+                waited = time.monotonic()
                 ready = selector.select(timeout)
                 started = time.monotonic()
+                worked = max(0.0, worked - (started - waited) / REST)
+                deferred = []
                 for key, events in ready:
-                    if registered.get(key.fd) is key:   # not closed by an earlier handler
+                    if key.fd in self._last:
+                        deferred.append((key, events))
+                    elif registered.get(key.fd) is key:   # not closed by an earlier handler
                         self._call(key.data, events)
-                    if time.monotonic() - started >= STRETCH:
-                        break   # what is left is still ready at the next select()
+                        if time.monotonic() - started >= STRETCH:
+                            break   # what is left is still ready at the next select()
+                for key, events in deferred:
+                    if registered.get(key.fd) is key:
+                        self._call(key.data, events)
                 while self._timers and self._timers[0][0] <= time.monotonic():
                     self._call(heapq.heappop(self._timers)[2])
-                busy = time.monotonic() - started
-                if busy >= STRETCH:
-                    time.sleep(busy)
+                worked += time.monotonic() - started
+                if worked >= STRETCH:
+                    time.sleep(worked * REST)
+                    worked = 0.0
         finally:
             self._selector.close()
             self._wake_r.close()
@@ -173,21 +191,24 @@ class RateLimitedLog:
         if held:
             message += " (and %d more times since the last such message)"
             args = (*args, held)
-        self._logger.log(level, message, *args, exc_info=exc_info)
+        self._logger.log(level, message, *args, exc_info=exc_info, stacklevel=2)
 
 
 class Acceptor:
     """Accepts connections on a listening socket for a Loop and hands each to `admit`.
 
-    When accept() fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), the
-    connection stays in the kernel's backlog: the failure is counted in `errors{error}`, logged at
-    most once a minute, and the listener rests for ACCEPT_BACKOFF seconds (a level-triggered
-    selector would otherwise spin on it) while the loop serves the clients it has.
+    When accept() fails (EMFILE, ENFILE: out of descriptors; ENOBUFS, ENOMEM; anything but a
+    client that gave up while queued), the connection stays in the kernel's backlog: the failure
+    is counted in `errors{error}`, logged at most once a minute, and the listener rests for
+    ACCEPT_BACKOFF seconds (a level-triggered selector would otherwise spin on it) while the loop
+    serves the clients it has.
     """
 
     def __init__(self, loop: Loop, listener: socket.socket,
-                 admit: Callable[[socket.socket], None], errors: Counter, what: str) -> None:
+                 admit: Callable[[socket.socket], None], errors: Counter, what: str,
+                 batch: int = ACCEPT_BATCH) -> None:
         listener.setblocking(False)
+        self._batch = min(batch, ACCEPT_BATCH)
         self._loop = loop
         self._listener = listener
         self._admit = admit
@@ -195,7 +216,7 @@ class Acceptor:
         self._what = what
         self._log = RateLimitedLog(log)
         self._closed = False
-        loop.watch(listener, selectors.EVENT_READ, self._ready)
+        loop.watch(listener, selectors.EVENT_READ, self._ready, last=True)
 
     def close(self) -> None:
         """Stops accepting and closes the listener (on the loop's thread)."""
@@ -204,7 +225,7 @@ class Acceptor:
         self._listener.close()
 
     def _ready(self, _events: int) -> None:
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self._batch):
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
@@ -225,7 +246,7 @@ class Acceptor:
 
     def _resume(self) -> None:
         if not self._closed:
-            self._loop.watch(self._listener, selectors.EVENT_READ, self._ready)
+            self._loop.watch(self._listener, selectors.EVENT_READ, self._ready, last=True)
 
 
 def fd_share(requested: int, what: str) -> int:
