@@ -16,8 +16,8 @@ first receives an Open for every open flow.
 
 The socket is mode 0666 by default, as upstream's consumers expect, so any local
 user can connect: at most `max_clients` are served, one more is closed at once
-(counted, logged once a minute), and a client costs a socket and at most CHUNK
-bytes of joined lines, never a thread.  The protocol is one-way: what a client
+(counted, logged once a minute), and a client costs a socket and references to at
+most BATCH lines being sent (shared with the other clients), never a thread.  The protocol is one-way: what a client
 sends is read and dropped, and its EOF means it is gone, so its socket is closed
 at once rather than at the next event.
 """
@@ -37,17 +37,17 @@ from collections import deque
 from tcpinfo import metrics
 from tcpinfo.inetdiag import IDM_LEN, ip_string
 from tcpinfo.record import go_json, format_time
-from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, fd_share
+from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, consume, fd_share
 
 log = logging.getLogger(__name__)
 
 OPEN, CLOSE = 0, 1
 _DRAIN_SECONDS = 1.0
 """How long close() lets clients read what is queued (final Closes) before cutting them off."""
-CHUNK = 64 * 1024
-"""Most bytes of event lines joined for one client at a time: its write buffer."""
-REPLAY_BATCH = 256
-"""Replayed Opens formatted at a time, so a replay of 100,000 flows is built as it is sent."""
+BATCH = 1024
+"""Most lines handed to one sendmsg() (IOV_MAX): a client's write buffer, by reference.
+Replayed Opens are formatted this many at a time, so a replay of 100,000 flows is built as it
+is sent."""
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_READ | selectors.EVENT_WRITE
 
 _OPENS = metrics.FLOW_EVENTS.labels(event="open")
@@ -85,7 +85,7 @@ class _Client:
     """One connected reader: its socket, its bounded queue and what it may be told.
 
     The collector appends to `queue` under the server's lock; the loop thread swaps the queue
-    out into `taken` and joins at most CHUNK bytes of it into `out`, the bytes being sent.
+    out into `taken` and moves at most BATCH lines of it into `out`, the lines being sent.
     """
 
     __slots__ = ("sock", "queue", "taken", "out", "opened_after", "replay", "replayed",
@@ -96,7 +96,7 @@ class _Client:
         self.sock = sock
         self.queue: deque[bytes] = deque()
         self.taken: deque[bytes] = deque()
-        self.out = memoryview(b"")
+        self.out: list[bytes | memoryview] = []
         # Flows whose Open sequence number is above this were (or will be) sent to the client.
         self.opened_after = opened_after
         self.replay = replay
@@ -268,8 +268,8 @@ class EventServer:
             sock.close()   # accepted in the turn close() was called: shutting down, not refused
             return
         if client is None:
+            metrics.EVENT_REFUSED.inc()   # before the client sees EOF
             sock.close()
-            metrics.EVENT_REFUSED.inc()
             self._log(logging.WARNING, "refused", "event socket %s: refused a client, %d are "
                       "connected (-tcpinfo.eventsocket-max-clients)", self.path, connected)
             return
@@ -293,45 +293,40 @@ class EventServer:
             self._flush(client)
 
     def _flush(self, client: _Client) -> None:
-        """Sends what the client is owed until its socket is full or 4 chunks went (fairness)."""
+        """Sends what the client is owed until its socket is full or 4 batches went (fairness)."""
         for _ in range(4):
             if not client.out:
-                chunk = self._next_chunk(client)
-                if not chunk:
+                client.out = self._next_lines(client)
+                if not client.out:
                     self._loop.watch(client.sock, _READ, client.handler)
                     if self._draining:
                         self._finish_if_drained()
                     return
-                client.out = memoryview(chunk)
-            while client.out:
-                try:
-                    sent = client.sock.send(client.out)
-                except BlockingIOError:
-                    self._loop.watch(client.sock, _WRITE, client.handler)
-                    return
-                except OSError:
-                    self._hang_up(client)
-                    return
-                client.out = client.out[sent:]
+            try:
+                sent = client.sock.sendmsg(client.out)
+            except BlockingIOError:
+                self._loop.watch(client.sock, _WRITE, client.handler)
+                return
+            except OSError:
+                self._hang_up(client)
+                return
+            consume(client.out, sent)
         self._loop.watch(client.sock, _WRITE, client.handler)
 
-    def _next_chunk(self, client: _Client) -> bytes:
-        """The next bytes owed: replayed Opens first, then queued lines, at most about CHUNK."""
+    def _next_lines(self, client: _Client) -> list[bytes]:
+        """The next lines owed, at most BATCH: replayed Opens first, then queued lines."""
         if client.replay:
-            batch = client.replay[client.replayed:client.replayed + REPLAY_BATCH]
+            batch = client.replay[client.replayed:client.replayed + BATCH]
             client.replayed += len(batch)
             if client.replayed == len(client.replay):
                 client.replay, client.replayed = [], 0
-            return b"".join(open_line(ts, uuid, idm) for _, ts, uuid, idm in batch)
-        if not client.taken:
-            with self._lock:   # O(1): the loop takes the whole queue, the collector gets a new one
-                client.taken, client.queue = client.queue, client.taken
-        lines, size = [], 0
+            return [open_line(ts, uuid, idm) for _, ts, uuid, idm in batch]
         taken = client.taken
-        while taken and size < CHUNK:
-            lines.append(taken.popleft())
-            size += len(lines[-1])
-        return b"".join(lines)
+        if not taken:
+            with self._lock:   # O(1): the loop takes the whole queue, the collector gets a new one
+                client.taken, client.queue = client.queue, taken
+            taken = client.taken
+        return [taken.popleft() for _ in range(min(BATCH, len(taken)))]
 
     def _hang_up(self, client: _Client) -> None:
         """The client closed its end (EOF) or its socket failed: forget and close it now."""
@@ -349,7 +344,7 @@ class EventServer:
             self._loop.forget(client.sock)
             client.sock.close()
         client.taken.clear()
-        client.out = memoryview(b"")
+        client.out = []
         client.replay = []
 
     def _woken(self) -> None:

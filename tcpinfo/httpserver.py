@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, fd_share
+from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, consume, fd_share
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class _Conn:
         self.sock = sock
         self.state = "reading"   # then "waiting" (for an exposition), "writing"
         self.inbuf = bytearray()
-        self.out: list[memoryview] = []
+        self.out: list[bytes | memoryview] = []
         self.deadline = deadline
         self.head_only = False
         self.gzip = False
@@ -134,8 +134,8 @@ class HTTPServer:
         """A new connection; beyond the cap it evicts the oldest one still reading, if any."""
         if len(self._reading) + len(self._waiting) + len(self._writing) >= self.max_connections:
             if not self._reading:
+                self._counters.dropped.labels(reason="limit").inc()   # before the client sees EOF
                 sock.close()
-                self._counters.dropped.labels(reason="limit").inc()
                 self._log(logging.WARNING, "limit", "/metrics server: closed a new connection, "
                           "all %d are being answered (-prometheusx.max-connections)",
                           self.max_connections)
@@ -228,9 +228,9 @@ class HTTPServer:
         head = (f"HTTP/1.1 {status} {STATUS[status]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n").encode()
         self._counters.requests.labels(code=str(status)).inc()
-        conn.out = [memoryview(head)]
+        conn.out = [head]
         if body and not conn.head_only:
-            conn.out.append(memoryview(body))
+            conn.out.append(body)
         if conn.state == "reading":
             del self._reading[conn]
         conn.state = "writing"
@@ -248,13 +248,7 @@ class HTTPServer:
                 return
             except OSError:
                 break   # the client went away; nothing more to do for it
-            while sent:
-                first = conn.out[0]
-                if sent < len(first):
-                    conn.out[0] = first[sent:]
-                    break
-                sent -= len(first)
-                conn.out.pop(0)
+            consume(conn.out, sent)
         self._close(conn)
 
     def _drop(self, conn: _Conn, reason: str) -> None:

@@ -9,10 +9,11 @@ descriptors: it counts the failure, logs it at most once a minute, stops accepti
 
 The poll thread shares the GIL with these threads, and a thread that wants the GIL back after a
 system call can wait a whole switch interval (5 ms) behind a busy one; on a busy host it also
-shares the CPUs.  So a loop pays for its work with REST times as much idle time: once its work not
-yet paid for by waiting in select() reaches `STRETCH`, it sleeps REST times that long.  Under any
-load a server thus takes at most a fifth of one CPU, and the poll thread never waits for the GIL
-much longer than a stretch.  Within a turn, clients are served before new connections are
+shares the CPUs.  So a loop pays for its work with REST times as much idle time: once the CPU time
+it used and has not yet paid for by waiting in select() reaches `STRETCH`, it sleeps REST times
+that long.  Under any load a server thus takes at most a fifth of one CPU, and the poll thread
+never waits for the GIL much longer than a stretch.  CPU time, not wall time: time spent waiting
+for the GIL (the poll thread had it) is not work, and must not make the loop rest.  Within a turn, clients are served before new connections are
 accepted, so the hang-ups of a connect/close flood are closed before more come in.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import resource
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,9 +35,16 @@ from prometheus_client import Counter
 log = logging.getLogger(__name__)
 
 STRETCH = 0.001
-"""Seconds of work after which a loop rests (see the module docstring)."""
+"""CPU seconds of work after which a loop rests (see the module docstring)."""
 REST = 4
 """Idle seconds per second of work: a loop takes at most 1/(1+REST) of a CPU."""
+SWITCH_INTERVAL = 0.001
+"""The GIL switch interval while loops run.  A thread that releases the GIL for a system call and
+wants it back waits until the holder releases it or this interval ends: with Python's default of
+5 ms, a loop thread forwarding events while the poll thread encodes a burst got one system call
+per 5 ms (and fell behind), and the poll thread waited up to 5 ms for a busy loop thread after
+each of its dumps.  At 1 ms both waits are five times shorter; forced switches between CPU-bound
+threads cost a few microseconds each."""
 ACCEPT_BACKOFF = 0.1
 """Seconds an acceptor pauses after accept() fails for want of descriptors or memory."""
 ACCEPT_BATCH = 32
@@ -70,7 +79,11 @@ class Loop:
         self.watch(self._wake_r, selectors.EVENT_READ, self._woken)
 
     def start(self) -> None:
-        """Starts the thread; OSError if the system refuses one (e.g. under a thread limit)."""
+        """Starts the thread; OSError if the system refuses one (e.g. under a thread limit).
+
+        Also lowers the process's GIL switch interval to SWITCH_INTERVAL (see its docstring).
+        """
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         try:
             thread.start()
@@ -122,8 +135,7 @@ class Loop:
     def _woken(self, _events: int) -> None:
         self._wake_pending = False
         try:
-            while self._wake_r.recv(4096):
-                pass
+            self._wake_r.recv(4096)   # one call: each system call may cost a wait for the GIL
         except BlockingIOError:
             pass
         if self._on_wake is not None:
@@ -131,28 +143,28 @@ class Loop:
 
     def _run(self) -> None:
         selector, registered = self._selector, self._selector.get_map()
-        worked = 0.0   # work not yet paid for by REST times as much idle time or sleep
+        worked = 0.0   # CPU seconds not yet paid for by REST times as much idle time or sleep
         try:
             while not self._stopping:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
                 waited = time.monotonic()
                 ready = selector.select(timeout)
-                started = time.monotonic()
-                worked = max(0.0, worked - (started - waited) / REST)
+                worked = max(0.0, worked - (time.monotonic() - waited) / REST)
+                started = time.thread_time()
                 deferred = []
                 for key, events in ready:
                     if key.fd in self._last:
                         deferred.append((key, events))
                     elif registered.get(key.fd) is key:   # not closed by an earlier handler
                         self._call(key.data, events)
-                        if time.monotonic() - started >= STRETCH:
+                        if time.thread_time() - started >= STRETCH:
                             break   # what is left is still ready at the next select()
                 for key, events in deferred:
                     if registered.get(key.fd) is key:
                         self._call(key.data, events)
                 while self._timers and self._timers[0][0] <= time.monotonic():
                     self._call(heapq.heappop(self._timers)[2])
-                worked += time.monotonic() - started
+                worked += time.thread_time() - started
                 if worked >= STRETCH:
                     time.sleep(worked * REST)
                     worked = 0.0
@@ -247,6 +259,17 @@ class Acceptor:
     def _resume(self) -> None:
         if not self._closed:
             self._loop.watch(self._listener, selectors.EVENT_READ, self._ready, last=True)
+
+
+def consume(parts: list[bytes | memoryview], sent: int) -> None:
+    """Drops the first `sent` bytes from a list of buffers, as sendmsg() took them."""
+    whole = 0
+    while whole < len(parts) and sent >= len(parts[whole]):
+        sent -= len(parts[whole])
+        whole += 1
+    del parts[:whole]
+    if sent:
+        parts[0] = memoryview(parts[0])[sent:]
 
 
 def fd_share(requested: int, what: str) -> int:
