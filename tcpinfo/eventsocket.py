@@ -167,15 +167,15 @@ class EventServer:
             # Before listen(): nobody can connect while the mode is still the umask's.
             os.chmod(self.path, self.mode)
             listener.listen(128)
-            loop = Loop("eventsocket", self._woken)
-            self._acceptor = Acceptor(loop, listener, self._admit, metrics.EVENT_ACCEPT_ERRORS,
-                                      f"event socket {self.path}")
-            loop.start()
+            self._loop = Loop("eventsocket", self._woken)
+            self._acceptor = Acceptor(self._loop, listener, self._admit,
+                                      metrics.EVENT_ACCEPT_ERRORS, f"event socket {self.path}")
+            self._loop.start()
         except OSError:
+            self._loop = None
             listener.close()
             self._remove_socket_file()
             raise
-        self._loop = loop
         log.info("serving flow events on %s (mode %o, replay %s, at most %d clients)", self.path,
                  self.mode, "on" if self.replay else "off", self.max_clients)
 

@@ -98,6 +98,7 @@ class HTTPServer:
         self._generation_armed = False
         self._next_generation = 0.0
         self._closing = False
+        self._started = False
         self._loop = Loop("metrics-http", self._woken)
         # Accepting no more at a time than the cap lets a new connection's request, usually
         # already received, be read before later arrivals could evict it.
@@ -113,10 +114,14 @@ class HTTPServer:
         except OSError:
             self._listener.close()
             raise
+        self._started = True
 
     def close(self) -> None:
         """Stops serving: closes the listener and every connection, and ends the thread."""
         self._closing = True
+        if not self._started:
+            self._listener.close()
+            return
         self._loop.wake()
         self._loop.join()
 

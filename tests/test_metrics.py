@@ -7,6 +7,7 @@ import http.client
 import json
 import math
 import os
+import re
 import select
 import shutil
 import socket
@@ -429,3 +430,19 @@ def test_when_every_slot_is_answering_a_new_connection_is_closed_and_counted(ser
     assert "all 2 are being answered" in caplog.text
     for s in (*stalled, late):
         s.close()
+
+
+def test_the_daemon_logs_the_full_address_it_serves_metrics_on(testnet, tmp_path):
+    proc = testnet.exec(testnet.ns_a, "tcp-info", "-reps=2", "-output", str(tmp_path),
+                        "-prometheusx.listen-address=:0", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"Serving metrics on http://\[::\]:(\d+)/metrics\n", proc.stderr)
+    assert match and int(match[1]) > 0, proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["-prometheusx.max-connections=0",
+                                  "-tcpinfo.eventsocket-max-clients=-1"])
+def test_a_cap_below_one_exits_2_naming_the_flag(testnet, flag):
+    proc = testnet.exec(testnet.ns_a, "tcp-info", flag, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert flag.split("=")[0] in proc.stderr and "must be at least 1" in proc.stderr
