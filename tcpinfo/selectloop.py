@@ -8,13 +8,14 @@ descriptors: it counts the failure, logs it at most once a minute, stops accepti
 `ACCEPT_BACKOFF` seconds and serves the clients it has meanwhile.
 
 The poll thread shares the GIL with these threads, and a thread that wants the GIL back after a
-system call can wait a whole switch interval (5 ms) behind a busy one; on a busy host it also
-shares the CPUs.  So a loop pays for its work with REST times as much idle time: once the CPU time
-it used and has not yet paid for by waiting in select() reaches `STRETCH`, it sleeps REST times
-that long.  Under any load a server thus takes at most a fifth of one CPU, and the poll thread
-never waits for the GIL much longer than a stretch.  CPU time, not wall time: time spent waiting
-for the GIL (the poll thread had it) is not work, and must not make the loop rest.  Within a turn, clients are served before new connections are
-accepted, so the hang-ups of a connect/close flood are closed before more come in.
+system call can wait a whole switch interval behind a busy one (see SWITCH_INTERVAL); on a busy
+host it also shares the CPUs.  So a loop pays for its work with REST times as much idle time: once
+the CPU time it used and has not yet paid for by waiting in select() reaches `STRETCH`, it sleeps
+REST times that long.  Under any load a server thus takes at most a fifth of one CPU, and the poll
+thread never waits for the GIL much longer than a stretch.  CPU time, not wall time: time spent
+waiting for the GIL (the poll thread had it) is not work, and must not make the loop rest.
+Within a turn, clients are served before new connections are accepted, so the hang-ups of a
+connect/close flood are closed before more come in.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ SWITCH_INTERVAL = 0.001
 """The GIL switch interval while loops run.  A thread that releases the GIL for a system call and
 wants it back waits until the holder releases it or this interval ends: with Python's default of
 5 ms, a loop thread forwarding events while the poll thread encodes a burst got one system call
-per 5 ms (and fell behind), and the poll thread waited up to 5 ms for a busy loop thread after
-each of its dumps.  At 1 ms both waits are five times shorter; forced switches between CPU-bound
+per 5 ms (and fell behind), and the poll thread could wait up to 5 ms for a busy loop thread
+after each of its dumps.  At 1 ms both waits are five times shorter; forced switches between CPU-bound
 threads cost a few microseconds each."""
 ACCEPT_BACKOFF = 0.1
 """Seconds an acceptor pauses after accept() fails for want of descriptors or memory."""

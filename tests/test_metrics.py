@@ -446,3 +446,31 @@ def test_a_cap_below_one_exits_2_naming_the_flag(testnet, flag):
     proc = testnet.exec(testnet.ns_a, "tcp-info", flag, timeout=30)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert flag.split("=")[0] in proc.stderr and "must be at least 1" in proc.stderr
+
+
+class _Counting:
+    """A collector that counts how often an exposition was generated."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self):
+        self.calls += 1
+        yield GaugeMetricFamily("generation", "Expositions generated so far.", value=self.calls)
+
+
+def test_requests_that_wait_together_share_one_exposition(servers):
+    registry, counting = CollectorRegistry(), _Counting()
+    registry.register(counting)
+    server = servers(registry)
+    clients = [socket.create_connection(server.address, timeout=10) for _ in range(20)]
+    for s in clients:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+    replies = []
+    for s in clients:
+        replies.append(s.makefile("rb").read())
+        s.close()
+
+    assert all(reply.startswith(b"HTTP/1.1 200 OK\r\n") for reply in replies)
+    assert counting.calls < 20
+    assert len({reply.partition(b"\r\n\r\n")[2] for reply in replies}) == counting.calls
