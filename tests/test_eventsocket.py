@@ -391,7 +391,7 @@ def test_out_of_descriptors_new_clients_wait_while_connected_ones_are_served(soc
     ts_ns, idm = ndt_record
     server = subprocess.Popen([sys.executable, "-c", OUT_OF_FDS, sock_path, idm.hex()],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=REPO)
+                              stderr=subprocess.PIPE, text=True)
     try:
         def said() -> list[str]:
             line = server.stdout.readline().split()
