@@ -112,11 +112,11 @@ def metrics_url(host: str, port: int) -> str:
     return f"{url} ({where})" if where else url
 
 
-def start_metrics(listen_address: str) -> None:
+def start_metrics(listen_address: str, max_connections: int) -> None:
     if not listen_address:
         return
     try:
-        host, port = metrics.start_http_server(listen_address)
+        host, port = metrics.start_http_server(listen_address, max_connections)
     except OSError as err:
         raise StartError(f"-prometheusx.listen-address {listen_address!r}: "
                          f"{err.strerror or err}") from None
@@ -168,7 +168,8 @@ def start_events(config: flags.Config) -> EventServer | NullServer:
     if not os.path.isdir(parent):
         raise StartError(f"-tcpinfo.eventsocket {path!r}: directory {parent!r} does not exist")
     events = EventServer(path, mode=config.eventsocket_mode,
-                         queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay)
+                         queue_limit=config.eventsocket_queue, replay=config.eventsocket_replay,
+                         max_clients=config.eventsocket_max_clients)
     try:
         events.start()
     except OSError as err:
@@ -180,7 +181,7 @@ def run(config: flags.Config, stops: StopSignals) -> int:
     """Builds the collector from the configuration and runs it until it stops."""
     prepare_output(config.output, config.output_mode)
     prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
-    start_metrics(config.listen_address)
+    start_metrics(config.listen_address, config.max_connections)
     poller = make_poller(config)
     try:
         events = start_events(config)

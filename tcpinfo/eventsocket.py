@@ -7,17 +7,26 @@ big-endian, `Cookie` signed) and real, un-anonymized addresses.
 
 Where upstream lets one stuck client stall the whole collector (a blocking write
 under a global mutex behind a 100-event channel), here the collector only appends
-to per-client bounded queues; one writer thread per client does the blocking.  A
-client whose queue overflows is disconnected and its lost events counted, while
-the collector and the other clients go on.  Each client sees a Close only after
-the matching Open: a client that connects while a flow is open never gets that
-flow's Close, unless replay is on, in which case it first receives an Open for
-every open flow.
+to per-client bounded queues, and one thread (a `selectloop.Loop`) writes to every
+client without ever blocking.  A client whose queue overflows is disconnected and
+its lost events counted, while the collector and the other clients go on.  Each
+client sees a Close only after the matching Open: a client that connects while a
+flow is open never gets that flow's Close, unless replay is on, in which case it
+first receives an Open for every open flow.
+
+The socket is mode 0666 by default, as upstream's consumers expect, so any local
+user can connect: at most `max_clients` are served, one more is closed at once
+(counted, logged once a minute), and a client costs a socket and references to at
+most BATCH lines being sent (shared with the other clients), never a thread.  The protocol is one-way: what a client
+sends is read and dropped, and its EOF means it is gone, so its socket is closed
+at once rather than at the next event.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import selectors
 import socket
 import stat
 import struct
@@ -28,12 +37,18 @@ from collections import deque
 from tcpinfo import metrics
 from tcpinfo.inetdiag import IDM_LEN, ip_string
 from tcpinfo.record import go_json, format_time
+from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, consume, fd_share
 
 log = logging.getLogger(__name__)
 
 OPEN, CLOSE = 0, 1
 _DRAIN_SECONDS = 1.0
 """How long close() lets clients read what is queued (final Closes) before cutting them off."""
+BATCH = 1024
+"""Most lines handed to one sendmsg() (IOV_MAX): a client's write buffer, by reference.
+Replayed Opens are formatted this many at a time, so a replay of 100,000 flows is built as it
+is sent."""
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_READ | selectors.EVENT_WRITE
 
 _OPENS = metrics.FLOW_EVENTS.labels(event="open")
 _CLOSES = metrics.FLOW_EVENTS.labels(event="close")
@@ -67,46 +82,67 @@ def close_line(ts_ns: int, uuid: str) -> bytes:
 
 
 class _Client:
-    """One connected reader: its socket, its bounded queue and what it may be told."""
+    """One connected reader: its socket, its bounded queue and what it may be told.
 
-    def __init__(self, sock: socket.socket, cond: threading.Condition, opened_after: int,
-                 replay: list[tuple[int, str, bytes]]) -> None:
+    The collector appends to `queue` under the server's lock; the loop thread swaps the queue
+    out into `taken` and moves at most BATCH lines of it into `out`, the lines being sent.
+    """
+
+    __slots__ = ("sock", "queue", "taken", "out", "opened_after", "replay", "replayed",
+                 "connected", "handler")
+
+    def __init__(self, sock: socket.socket, opened_after: int,
+                 replay: list[tuple[int, int, str, bytes]]) -> None:
         self.sock = sock
-        self.cond = cond
         self.queue: deque[bytes] = deque()
+        self.taken: deque[bytes] = deque()
+        self.out: list[bytes | memoryview] = []
         # Flows whose Open sequence number is above this were (or will be) sent to the client.
         self.opened_after = opened_after
         self.replay = replay
+        self.replayed = 0
         self.connected = True
+        self.handler: functools.partial | None = None
+
+    def idle(self) -> bool:
+        """Nothing left to send."""
+        return not (self.out or self.taken or self.queue or self.replay)
 
 
 class EventServer:
     """Serves flow events on a Unix stream socket without ever blocking the collector.
 
     `start()` before the first poll, so consumers that start early find the socket.
-    `flow_created`/`flow_deleted` are called from the collector's thread; all methods
-    are thread-safe.
+    `flow_created`/`flow_deleted` are called from the collector's thread and only append
+    to queues; all methods are thread-safe.
     """
 
     def __init__(self, path: str, mode: int = 0o666, queue_limit: int = 10000,
-                 replay: bool = False) -> None:
+                 replay: bool = False, max_clients: int = 100) -> None:
         if queue_limit < 1:
             raise ValueError(f"event queue limit must be at least 1, not {queue_limit}")
+        if max_clients < 1:
+            raise ValueError(f"event client limit must be at least 1, not {max_clients}")
         self.path = path
         self.mode = mode
         self.queue_limit = queue_limit
         self.replay = replay
+        self.max_clients = max_clients
         self._lock = threading.Lock()
         self._clients: set[_Client] = set()
-        self._writers: list[threading.Thread] = []
-        # uuid -> (Open sequence number, Open timestamp, raw IDM): what replay sends and
+        self._ready: set[_Client] = set()     # given lines since the loop last looked
+        self._doomed: list[_Client] = []      # disconnected by the collector; the loop closes them
+        # uuid -> (Open sequence number, Open timestamp, uuid, raw IDM): what replay sends and
         # what decides which clients may see a Close.
-        self._open: dict[str, tuple[int, int, bytes]] = {}
+        self._open: dict[str, tuple[int, int, str, bytes]] = {}
         self._seq = 0
         self._closing = False
-        self._listener: socket.socket | None = None
+        self._loop: Loop | None = None
+        self._acceptor: Acceptor | None = None
         self._inode = 0
-        self._acceptor: threading.Thread | None = None
+        self._draining = False
+        self._finished = False
+        self._log = RateLimitedLog(log)
 
     @property
     def client_count(self) -> int:
@@ -122,35 +158,40 @@ class EventServer:
         socket that still accepts connections belongs to a running collector and is
         refused too.
         """
+        self.max_clients = fd_share(self.max_clients, f"event socket {self.path}")
         _remove_stale_socket(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.path)
+            self._inode = os.stat(self.path).st_ino
             # Before listen(): nobody can connect while the mode is still the umask's.
             os.chmod(self.path, self.mode)
-            listener.listen(64)
+            listener.listen(128)
+            self._loop = Loop("eventsocket", self._woken)
+            self._acceptor = Acceptor(self._loop, listener, self._admit,
+                                      metrics.EVENT_ACCEPT_ERRORS, f"event socket {self.path}")
+            self._loop.start()
         except OSError:
+            self._loop = None
             listener.close()
+            self._remove_socket_file()
             raise
-        self._inode = os.stat(self.path).st_ino
-        self._listener = listener
-        self._acceptor = threading.Thread(target=self._accept_loop, name="eventsocket-accept",
-                                          daemon=True)
-        self._acceptor.start()
-        log.info("serving flow events on %s (mode %o, replay %s)", self.path, self.mode,
-                 "on" if self.replay else "off")
+        log.info("serving flow events on %s (mode %o, replay %s, at most %d clients)", self.path,
+                 self.mode, "on" if self.replay else "off", self.max_clients)
 
     def flow_created(self, ts_ns: int, uuid: str, raw_idm: bytes) -> None:
         """Queues an Open for every connected client; never blocks on a client."""
         idm = bytes(raw_idm[:IDM_LEN])
         with self._lock:
             self._seq += 1
-            self._open[uuid] = (self._seq, ts_ns, idm)
+            self._open[uuid] = (self._seq, ts_ns, uuid, idm)
             if self._clients:
                 line = open_line(ts_ns, uuid, idm)
                 for client in list(self._clients):
                     self._enqueue(client, line)
         _OPENS.inc()
+        if self._ready or self._doomed:
+            self._loop.wake()
 
     def flow_deleted(self, ts_ns: int, uuid: str) -> None:
         """Queues a Close for the clients that were sent this flow's Open; never blocks.
@@ -167,6 +208,8 @@ class EventServer:
                 for client in targets:
                     self._enqueue(client, line)
         _CLOSES.inc()
+        if self._ready or self._doomed:
+            self._loop.wake()
 
     def close(self) -> None:
         """Stops accepting, lets clients drain briefly, disconnects them and removes the socket.
@@ -178,101 +221,175 @@ class EventServer:
             if self._closing:
                 return
             self._closing = True
-            for client in self._clients:
-                client.cond.notify()
-            writers = list(self._writers)
-        if self._listener is not None:
-            _shutdown(self._listener)
-            self._acceptor.join()
-            self._listener.close()
-            try:
-                if os.stat(self.path).st_ino == self._inode:
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-        deadline = time.monotonic() + _DRAIN_SECONDS
-        for writer in writers:
-            writer.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            for client in list(self._clients):
-                self._disconnect(client)
-        for writer in writers:
-            writer.join()
+        if self._loop is None:
+            return
+        self._loop.wake()
+        self._loop.join()
+        self._remove_socket_file()
 
-    # --- internals; the caller holds self._lock where noted ---
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError as err:
-                if self._closing:
-                    return
-                # E.g. out of file descriptors: keep serving the clients we have and retry.
-                log.warning("cannot accept event client on %s: %s", self.path, err)
-                time.sleep(0.1)
-                continue
-            with self._lock:
-                if self._closing:
-                    sock.close()
-                    return
-                replay = []
-                if self.replay:
-                    replay = [(ts, uuid, idm) for uuid, (_, ts, idm) in self._open.items()]
-                client = _Client(sock, threading.Condition(self._lock),
-                                 0 if self.replay else self._seq, replay)
-                self._clients.add(client)
-                writer = threading.Thread(target=self._write_loop, args=(client,),
-                                          name="eventsocket-writer", daemon=True)
-                self._writers = [w for w in self._writers if w.is_alive()]
-                self._writers.append(writer)
-            metrics.EVENT_CLIENTS.inc()
-            log.info("event client connected (%d replayed Opens)", len(replay))
-            writer.start()
-
-    def _write_loop(self, client: _Client) -> None:
-        """Sends the client its replay, then its queue, until it is disconnected or we close."""
-        try:
-            while client.replay:
-                batch, client.replay = client.replay[:256], client.replay[256:]
-                client.sock.sendall(b"".join(open_line(*item) for item in batch))
-            while True:
-                with client.cond:
-                    while client.connected and not client.queue and not self._closing:
-                        client.cond.wait()
-                    if not client.connected or not client.queue:
-                        break
-                    batch = list(client.queue)
-                    client.queue.clear()
-                client.sock.sendall(b"".join(batch))
-        except OSError as err:
-            log.info("event client went away: %s", err)
-        with self._lock:
-            if client.connected:
-                self._disconnect(client)
-        client.sock.close()
+    # --- the collector's side; the caller holds self._lock ---
 
     def _enqueue(self, client: _Client, line: bytes) -> None:
-        """(lock held) Queues a line, or disconnects a client that has stopped reading."""
+        """Queues a line, or disconnects a client that has stopped reading."""
         if len(client.queue) < self.queue_limit:
+            if not client.queue:
+                self._ready.add(client)
             client.queue.append(line)
-            client.cond.notify()
             return
-        lost = len(client.queue) + 1
+        lost = len(client.queue) + len(client.taken) + 1
         metrics.EVENT_DROPS.inc(lost)
         metrics.EVENT_DISCONNECTS.inc()
         log.warning("event client stopped reading (%d events queued): disconnecting it, "
                     "%d events lost", self.queue_limit, lost)
         client.queue.clear()
-        self._disconnect(client)
+        self._forget(client)
+        self._doomed.append(client)
 
-    def _disconnect(self, client: _Client) -> None:
-        """(lock held) Forgets a client and wakes its writer, even one blocked in send."""
+    def _forget(self, client: _Client) -> None:
+        """Takes a client off the lists; the loop thread closes its socket."""
         client.connected = False
         self._clients.discard(client)
+        self._ready.discard(client)
         metrics.EVENT_CLIENTS.dec()
-        _shutdown(client.sock)
-        client.cond.notify()
+
+    # --- the loop thread's side ---
+
+    def _admit(self, sock: socket.socket) -> None:
+        """A new connection: a client with its replay, or refused at once beyond the cap."""
+        with self._lock:
+            connected, closing = len(self._clients), self._closing
+            client = None
+            if connected < self.max_clients and not closing:
+                replay = list(self._open.values()) if self.replay else []
+                client = _Client(sock, 0 if self.replay else self._seq, replay)
+                self._clients.add(client)
+                metrics.EVENT_CLIENTS.inc()
+        if closing:
+            sock.close()   # accepted in the turn close() was called: shutting down, not refused
+            return
+        if client is None:
+            metrics.EVENT_REFUSED.inc()   # before the client sees EOF
+            sock.close()
+            self._log(logging.WARNING, "refused", "event socket %s: refused a client, %d are "
+                      "connected (-tcpinfo.eventsocket-max-clients)", self.path, connected)
+            return
+        self._log(logging.INFO, "connected", "event client connected (%d replayed Opens)",
+                  len(client.replay))
+        client.handler = functools.partial(self._serve, client)
+        self._loop.watch(sock, _WRITE if client.replay else _READ, client.handler)
+
+    def _serve(self, client: _Client, events: int) -> None:
+        if events & selectors.EVENT_READ:
+            try:
+                gone = not client.sock.recv(4096)   # what a client sends is dropped
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            if gone:
+                self._hang_up(client)
+                return
+        if events & selectors.EVENT_WRITE:
+            self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        """Sends what the client is owed until its socket is full or 4 batches went (fairness)."""
+        for _ in range(4):
+            if not client.out:
+                client.out = self._next_lines(client)
+                if not client.out:
+                    self._loop.watch(client.sock, _READ, client.handler)
+                    if self._draining:
+                        self._finish_if_drained()
+                    return
+            try:
+                sent = client.sock.sendmsg(client.out)
+            except BlockingIOError:
+                self._loop.watch(client.sock, _WRITE, client.handler)
+                return
+            except OSError:
+                self._hang_up(client)
+                return
+            consume(client.out, sent)
+        self._loop.watch(client.sock, _WRITE, client.handler)
+
+    def _next_lines(self, client: _Client) -> list[bytes]:
+        """The next lines owed, at most BATCH: replayed Opens first, then queued lines."""
+        if client.replay:
+            batch = client.replay[client.replayed:client.replayed + BATCH]
+            client.replayed += len(batch)
+            if client.replayed == len(client.replay):
+                client.replay, client.replayed = [], 0
+            return [open_line(ts, uuid, idm) for _, ts, uuid, idm in batch]
+        taken = client.taken
+        if not taken:
+            with self._lock:   # O(1): the loop takes the whole queue, the collector gets a new one
+                client.taken, client.queue = client.queue, taken
+            taken = client.taken
+        return [taken.popleft() for _ in range(min(BATCH, len(taken)))]
+
+    def _hang_up(self, client: _Client) -> None:
+        """The client closed its end (EOF) or its socket failed: forget and close it now."""
+        with self._lock:
+            if client.connected:
+                self._forget(client)
+        self._log(logging.INFO, "gone", "event client went away")
+        self._release(client)
+        if self._draining:
+            self._finish_if_drained()
+
+    def _release(self, client: _Client) -> None:
+        """Closes a forgotten client's socket and frees what it held; safe to repeat."""
+        if client.sock.fileno() != -1:
+            self._loop.forget(client.sock)
+            client.sock.close()
+        client.taken.clear()
+        client.out = []
+        client.replay = []
+
+    def _woken(self) -> None:
+        """The collector queued lines or disconnected clients, or close() was called."""
+        with self._lock:
+            ready, self._ready = self._ready, set()
+            doomed, self._doomed = self._doomed, []
+            closing = self._closing
+        for client in doomed:
+            self._release(client)
+        for client in ready:
+            if client.connected:
+                self._flush(client)
+        if closing and not self._draining:
+            self._draining = True
+            self._acceptor.close()
+            self._loop.call_at(time.monotonic() + _DRAIN_SECONDS, self._finish)
+        if self._draining:
+            self._finish_if_drained()
+
+    def _finish_if_drained(self) -> None:
+        with self._lock:
+            drained = all(client.idle() for client in self._clients)
+        if drained:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Draining is over (or took too long): disconnects everyone and ends the loop."""
+        if self._finished:
+            return
+        self._finished = True
+        with self._lock:
+            clients = list(self._clients)
+            for client in clients:
+                self._forget(client)
+        for client in clients:
+            self._release(client)
+        self._loop.stop()
+
+    def _remove_socket_file(self) -> None:
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
 class NullServer:
@@ -291,14 +408,6 @@ class NullServer:
 
     def close(self) -> None:
         """Nothing to remove."""
-
-
-def _shutdown(sock: socket.socket) -> None:
-    """Wakes any thread blocked on the socket; the socket may already be dead."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -76,6 +76,8 @@ class Config:
     cpu_budget: float = 0.0
     dump_threads: int = 0   # auto
     output_mode: int = 0o640
+    eventsocket_max_clients: int = 100
+    max_connections: int = 32
     # For the startup log: "name=value" of every flag, and where a value came from.
     arguments: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -256,6 +258,14 @@ def parse_queue(text: str) -> int:
     return value
 
 
+def parse_cap(text: str) -> int:
+    """A positive client or connection count (Go integer syntax)."""
+    value = parse_go_int(text)
+    if value < 1:
+        raise ValueError(f"limit {text!r} must be at least 1")
+    return value
+
+
 def parse_text(text: str) -> str:
     return text
 
@@ -408,6 +418,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("output-mode", "output_mode", parse_mode,
          "Permissions of archive files, in octal, whatever the umask; their directories get the "
          "same bits plus x wherever r is set (0640 gives 0750).", metavar="mode"),
+    Flag("tcpinfo.eventsocket-max-clients", "eventsocket_max_clients", parse_cap,
+         "Most clients served at once on the event socket; one more is closed at once and "
+         "counted. At most a quarter of the open-file limit.", metavar="int"),
+    Flag("prometheusx.max-connections", "max_connections", parse_cap,
+         "Most connections open at once to the /metrics server; one more replaces the oldest "
+         "still sending its request, or is closed if all are being answered (both counted). At "
+         "most a quarter of the open-file limit.", metavar="int"),
 )
 _BY_NAME = {f.name: f for f in FLAGS}
 

@@ -21,9 +21,10 @@ import platform
 import socket
 
 import prometheus_client
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import tcpinfo
+from tcpinfo import httpserver
 
 # Go's client exposes no `*_created` series; keep the exposition the same shape.
 prometheus_client.disable_created_metrics()
@@ -165,6 +166,28 @@ EVENT_DROPS = Counter("tcpinfo_event_drops_total",
 EVENT_DISCONNECTS = Counter(
     "tcpinfo_event_disconnects_total",
     "Event-socket clients disconnected by the server because they stopped reading.")
+EVENT_REFUSED = Counter(
+    "tcpinfo_event_refused_total",
+    "Event-socket clients closed at once because -tcpinfo.eventsocket-max-clients were connected.")
+EVENT_ACCEPT_ERRORS = Counter(
+    "tcpinfo_event_accept_errors_total",
+    "Event-socket connections that could not be accepted (e.g. EMFILE: out of file descriptors), "
+    "by errno; the socket pauses 0.1 s and serves its clients meanwhile.", ["error"])
+HTTP_CONNECTIONS = Gauge("tcpinfo_http_connections", "Connections open to the /metrics server.")
+HTTP_REQUESTS = Counter("tcpinfo_http_requests_total",
+                        "Requests the /metrics server answered, by status code.", ["code"])
+HTTP_DROPPED = Counter(
+    "tcpinfo_http_dropped_total",
+    "Connections the /metrics server closed without an answer: timeout (no complete request, or "
+    "the response not taken, within the timeout), evicted (the oldest connection still sending "
+    "its request, closed to make room at -prometheusx.max-connections), limit (every slot busy "
+    "answering: the new connection is closed).", ["reason"])
+HTTP_ACCEPT_ERRORS = Counter(
+    "tcpinfo_http_accept_errors_total",
+    "/metrics connections that could not be accepted (e.g. EMFILE), by errno; the server pauses "
+    "0.1 s and serves its connections meanwhile.", ["error"])
+HTTP_COUNTERS = httpserver.Counters(HTTP_CONNECTIONS, HTTP_REQUESTS, HTTP_DROPPED,
+                                    HTTP_ACCEPT_ERRORS)
 BUILD_INFO = Gauge("tcpinfo_build_info",
                    "Always 1; the labels say which tcpinfo, Python and kernel are running.",
                    ["version", "python", "kernel"])
@@ -192,6 +215,13 @@ for _event in FLOW_EVENT_KINDS:
     FLOW_EVENTS.labels(event=_event)
 for _kind in UNSAFE_PATH_KINDS:
     UNSAFE_PATHS.labels(kind=_kind)
+for _error in ("EMFILE", "ENFILE"):
+    EVENT_ACCEPT_ERRORS.labels(error=_error)
+    HTTP_ACCEPT_ERRORS.labels(error=_error)
+for _code in httpserver.STATUS:
+    HTTP_REQUESTS.labels(code=str(_code))
+for _reason in httpserver.DROP_REASONS:
+    HTTP_DROPPED.labels(reason=_reason)
 BUILD_INFO.labels(version=tcpinfo.__version__, python=platform.python_version(),
                   kernel=os.uname().release).set(1)
 
@@ -250,19 +280,22 @@ def parse_listen_address(listen_address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def start_http_server(listen_address: str) -> tuple[str, int]:
-    """Serves the default registry at /metrics from a daemon thread; returns the bound (host, port).
+def start_http_server(listen_address: str, max_connections: int = 32,
+                      registry: CollectorRegistry = prometheus_client.REGISTRY) -> tuple[str, int]:
+    """Serves the registry at /metrics from a daemon thread; returns the bound (host, port).
 
     Like Go's net.Listen, an empty host listens on every interface: one dual-stack
-    IPv6 socket ("::"), or IPv4 alone ("0.0.0.0") on a kernel without IPv6.  Port 0 picks
-    a free port and a name is resolved, which is why the bound address is returned.
+    IPv6 socket, or IPv4 alone on a kernel without IPv6.  Port 0 picks a free port,
+    and a name is resolved, which is why the bound address is returned.  See tcpinfo/httpserver.py for what is served
+    and how clients are bounded.
     """
     host, port = parse_listen_address(listen_address)
     if not host:
         host = "::" if os.path.exists("/proc/net/if_inet6") else "0.0.0.0"
     try:
-        server, _ = prometheus_client.start_http_server(port, addr=host)
+        server = httpserver.HTTPServer(host, port, registry, HTTP_COUNTERS, max_connections)
+        server.start()
     except OSError as err:
         raise OSError(err.errno, f"cannot serve metrics on {listen_address!r}: "
                                  f"{err.strerror or err}") from err
-    return server.server_address[0], server.server_address[1]
+    return server.address

@@ -1,4 +1,5 @@
-"""The event socket, against real client processes: bytes, ordering, slow clients, the socket file."""
+"""The event socket, against real client processes: bytes, ordering, slow clients, the socket file,
+the client cap, hang-ups, and running out of file descriptors."""
 from __future__ import annotations
 
 import os
@@ -282,6 +283,154 @@ def test_client_count_metric_follows_connects_and_disconnects(sock_path, process
     assert metric("tcpinfo_event_clients") == before + 1
     server.close()
     assert metric("tcpinfo_event_clients") == before
+
+
+def test_clients_beyond_the_cap_are_closed_at_once_counted_and_logged_once(
+        sock_path, processes, ndt_record, caplog):
+    ts_ns, idm = ndt_record
+    server = started(sock_path, max_clients=2)
+    served = [spawn(processes, sys.executable, "-c", RAW_READER, sock_path) for _ in range(2)]
+    wait_for_clients(server, 2)
+    refused = metric("tcpinfo_event_refused_total")
+    extra = [spawn(processes, sys.executable, "-c", RAW_READER, sock_path) for _ in range(5)]
+    for proc in extra:   # each sees EOF at once and exits with nothing read
+        assert output(proc) == (b"", "")
+    assert metric("tcpinfo_event_refused_total") == refused + 5
+    server.flow_created(ts_ns, NDT_UUID, idm)
+    server.close()
+
+    for proc in served:
+        assert output(proc)[0] == NDT_OPEN
+    assert caplog.text.count("refused a client, 2 are connected") == 1
+
+
+def test_a_client_that_hangs_up_is_closed_at_once_without_waiting_for_an_event(sock_path):
+    server = started(sock_path)
+    fds = len(os.listdir("/proc/self/fd"))
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(sock_path)
+    wait_for_clients(server, 1)
+    assert len(os.listdir("/proc/self/fd")) == fds + 2   # both ends live in this process
+    client.close()
+    deadline = time.monotonic() + 1
+    while len(os.listdir("/proc/self/fd")) != fds or server.client_count:
+        assert time.monotonic() < deadline, "the server still holds the client's socket"
+        time.sleep(0.01)
+    server.close()
+
+
+def test_clients_cost_a_socket_each_and_no_thread(sock_path):
+    server = started(sock_path)
+    threads = len(os.listdir("/proc/self/task"))
+    clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(50)]
+    for client in clients:
+        client.connect(sock_path)
+    wait_for_clients(server, 50)
+    assert len(os.listdir("/proc/self/task")) == threads
+    server.close()
+    for client in clients:
+        client.close()
+
+
+# Serves events and /metrics under a 64-file limit, then uses up every descriptor: new clients
+# wait in the backlogs while the connected one is still served, until descriptors come back.
+OUT_OF_FDS = """
+import os, resource, sys, time
+import logging
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+from prometheus_client import REGISTRY
+from tcpinfo import httpserver, metrics
+from tcpinfo.eventsocket import EventServer
+
+path, idm = sys.argv[1], bytes.fromhex(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+events = EventServer(path, max_clients=16)
+events.start()
+http = httpserver.HTTPServer("127.0.0.1", 0, REGISTRY, metrics.HTTP_COUNTERS, max_connections=8)
+http.start()
+
+def step(*said):
+    print(*said, flush=True)
+    sys.stdin.readline()
+
+def wait_clients(n):
+    deadline = time.monotonic() + 10
+    while events.client_count != n:
+        assert time.monotonic() < deadline, events.client_count
+        time.sleep(0.01)
+
+step("port", http.address[1])       # the parent connects client A
+wait_clients(1)
+hog = []
+try:
+    while True:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+step("full")                        # the parent connects B and C, and sends a scrape
+time.sleep(0.5)                     # accept() fails with EMFILE, again and again
+events.flow_created(1, "during", idm)
+step("clients", events.client_count)  # the parent reads A's event
+for fd in hog:
+    os.close(fd)
+wait_clients(3)
+events.flow_created(2, "after", idm)
+events.close()
+value = REGISTRY.get_sample_value
+step("errors", value("tcpinfo_event_accept_errors_total", {"error": "EMFILE"}),
+     value("tcpinfo_http_accept_errors_total", {"error": "EMFILE"}))
+"""
+
+
+def test_out_of_descriptors_new_clients_wait_while_connected_ones_are_served(sock_path,
+                                                                             ndt_record):
+    ts_ns, idm = ndt_record
+    server = subprocess.Popen([sys.executable, "-c", OUT_OF_FDS, sock_path, idm.hex()],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        def said() -> list[str]:
+            line = server.stdout.readline().split()
+            assert line, server.stderr.read()
+            return line
+
+        def go() -> None:
+            server.stdin.write("\n")
+            server.stdin.flush()
+
+        def connect() -> socket.socket:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(10)
+            client.connect(sock_path)
+            return client
+
+        port = int(said()[1])
+        a = connect()
+        go()
+        assert said() == ["full"]
+        b, c = connect(), connect()        # queued in the backlog: no descriptor to accept them
+        scrape = socket.create_connection(("127.0.0.1", port), timeout=10)
+        scrape.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        go()
+        assert said() == ["clients", "1"]
+        a_lines = a.makefile("rb")
+        assert b'"UUID":"during"' in a_lines.readline()   # A is served while accepts fail
+        go()
+        _, event_errors, http_errors = said()
+        go()
+        assert server.wait(10) == 0
+        log = server.stderr.read()
+
+        assert float(event_errors) >= 2 and float(http_errors) >= 2   # retried after back-offs
+        assert log.count("event socket") and log.count("cannot accept a connection") == 2
+        assert b'"UUID":"after"' in a_lines.readline()
+        for late in (b, c):
+            assert b'"UUID":"after"' in late.makefile("rb").readline()
+        reply = scrape.makefile("rb").readline()
+        assert reply == b"HTTP/1.1 200 OK\r\n"   # answered once descriptors came back
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_null_server_accepts_every_call_and_creates_nothing(sock_path, ndt_record):

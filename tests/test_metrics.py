@@ -1,19 +1,27 @@
-"""/metrics over real HTTP: upstream's series exactly, ours alongside, and a clean lint."""
+"""/metrics over real HTTP: upstream's series exactly, ours alongside, a clean lint, a real
+Prometheus scraping it, and the server's limits against real slow and misbehaving clients."""
 from __future__ import annotations
 
+import gzip
+import http.client
+import json
 import math
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
+import time
+import urllib.parse
 import urllib.request
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from tcpinfo import metrics
+from tcpinfo import httpserver, metrics
 
 _SYSCALL = [0.001, 0.00125, 0.0016, 0.002, 0.0025, 0.0032, 0.004, 0.005, 0.0063, 0.0079,
             0.01, 0.0125, 0.016, 0.02, 0.025, 0.032, 0.04, 0.05, 0.063, 0.079,
@@ -57,6 +65,12 @@ OURS = {
     "tcpinfo_event_disconnects_total": ("counter", set(), None),
     "tcpinfo_build_info": ("gauge", {"version", "python", "kernel"}, None),
     "tcpinfo_port_connections": ("gauge", {"port"}, None),
+    "tcpinfo_event_refused_total": ("counter", set(), None),
+    "tcpinfo_event_accept_errors_total": ("counter", {"error"}, None),
+    "tcpinfo_http_connections": ("gauge", set(), None),
+    "tcpinfo_http_requests_total": ("counter", {"code"}, None),
+    "tcpinfo_http_dropped_total": ("counter", {"reason"}, None),
+    "tcpinfo_http_accept_errors_total": ("counter", {"error"}, None),
 }
 # Vectors whose label values are open-ended appear once a value is used; the rest are
 # created at import (see tcpinfo/metrics.py).
@@ -214,3 +228,256 @@ def test_exposition_passes_promtool_apart_from_upstreams_names():
     problems = {line.strip() for line in (proc.stdout + proc.stderr).splitlines()
                 if line.strip()}
     assert problems == UPSTREAM_LINT
+
+
+def test_a_real_prometheus_scrapes_the_server(tmp_path):
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus is missing in CI: apt-get install -y prometheus")
+        pytest.skip("prometheus not installed (Debian: apt-get install -y prometheus)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        web = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+                      "scrape_configs:\n"
+                      f"  - {{job_name: tcpinfo, static_configs: [{{targets: ['127.0.0.1:{PORT}']}}]}}\n")
+    with open(tmp_path / "prometheus.log", "wb") as out:
+        server = subprocess.Popen([prometheus, f"--config.file={config}",
+                                   f"--storage.tsdb.path={tmp_path / 'data'}",
+                                   f"--web.listen-address={web}"], stdout=out, stderr=out)
+    try:
+        def query(expr: str) -> list:
+            url = f"http://{web}/api/v1/query?query={urllib.parse.quote(expr)}"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return json.load(reply)["data"]["result"]
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                scraped = query('scrape_samples_scraped{job="tcpinfo"}')
+                if scraped and query('tcpinfo_build_info{job="tcpinfo"}'):
+                    break
+            except OSError:
+                pass   # still starting
+            assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
+            time.sleep(0.5)
+        assert query('up{job="tcpinfo"}')[0]["value"][1] == "1"
+        assert float(scraped[0]["value"][1]) > 100
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def request(method: str, path: str, headers: dict | None = None,
+            port: int = PORT) -> tuple[http.client.HTTPResponse, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response, response.read()
+    finally:
+        conn.close()
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["/", "/metric", "/metrics/", "/metricsx", "/debug/pprof/"])
+def test_any_other_path_is_404(path):
+    before = sample("tcpinfo_http_requests_total", code="404")
+    response, body = request("GET", path)
+    assert (response.status, body) == (404, b"404 page not found\n")
+    assert sample("tcpinfo_http_requests_total", code="404") == before + 1
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_any_other_method_is_405_naming_get_and_head(method):
+    response, _ = request(method, "/metrics")
+    assert response.status == 405 and response.getheader("Allow") == "GET, HEAD"
+
+
+def test_head_gets_the_headers_of_the_exposition_and_no_body():
+    response, body = request("HEAD", "/metrics")
+    assert response.status == 200 and body == b""
+    assert response.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    assert int(response.getheader("Content-Length")) > 10_000
+
+
+def test_each_response_is_whole_and_ends_its_connection():
+    with socket.create_connection(("127.0.0.1", PORT), timeout=10) as s:
+        s.sendall(b"GET /metrics?name[]=ignored HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):   # ends at the server's FIN
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close" in head
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert b"tcpinfo_snapshot_total" in body
+
+
+@pytest.mark.parametrize("accept, zipped", [
+    ("gzip", True), ("deflate, gzip;q=0.5", True), ("*", True), ("GZIP", True),
+    ("gzip;q=0", False), ("identity", False), ("*;q=0", False), ("gzip;q=0, *", False), ("", False),
+])
+def test_gzip_is_sent_exactly_when_the_client_accepts_it(accept, zipped):
+    response, body = request("GET", "/metrics", {"Accept-Encoding": accept})
+    assert response.getheader("Vary") == "Accept-Encoding"
+    assert (response.getheader("Content-Encoding") == "gzip") == zipped
+    assert int(response.getheader("Content-Length")) == len(body)
+    text = (gzip.decompress(body) if zipped else body).decode()
+    assert "tcpinfo_snapshot_total" in {f.name + "_total" for f in
+                                         text_string_to_metric_families(text)}
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /metrics HTTP/2.0\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"a" * 9000 + b"\r\n\r\n", 431),
+])
+def test_a_malformed_or_oversize_request_gets_400_or_431(raw, status):
+    with socket.create_connection(("127.0.0.1", PORT), timeout=10) as s:
+        s.sendall(raw)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode())
+
+
+@pytest.fixture
+def servers():
+    """Private HTTPServers on 127.0.0.1 (counting in the daemon's series), closed at the end."""
+    started: list[httpserver.HTTPServer] = []
+
+    def start(registry=REGISTRY, **kw) -> httpserver.HTTPServer:
+        server = httpserver.HTTPServer("127.0.0.1", 0, registry, metrics.HTTP_COUNTERS, **kw)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def test_the_registry_given_is_the_one_served(servers):
+    registry = CollectorRegistry()
+    Counter("only_series", "The one series of this registry.", registry=registry).inc(3)
+    server = servers(registry)
+    _, body = request("GET", "/metrics", port=server.address[1])
+    (family,) = text_string_to_metric_families(body.decode())
+    assert (family.name, family.samples[0].value) == ("only_series", 3)
+
+
+def test_a_silent_and_a_trickling_client_are_dropped_after_the_timeout(servers):
+    server = servers(timeout=0.5)
+    dropped = sample("tcpinfo_http_dropped_total", reason="timeout")
+    silent = socket.create_connection(server.address)
+    trickler = socket.create_connection(server.address)
+    started = time.monotonic()
+    closed_at = None
+    for byte in b"GET /metrics HTTP/1.1\r\nHost: trickle\r\nX-Slow: " + b"s" * 100:
+        if select.select([trickler], [], [], 0.05)[0]:   # readable: the server hung up
+            closed_at = time.monotonic() - started
+            break
+        trickler.send(bytes([byte]))
+    silent.settimeout(3)
+    assert silent.recv(1) == b""
+    assert closed_at is not None and 0.4 < closed_at < 1.5
+    assert trickler.recv(1) == b""
+    assert sample("tcpinfo_http_dropped_total", reason="timeout") == dropped + 2
+    silent.close()
+    trickler.close()
+
+
+def test_beyond_the_cap_the_oldest_unfinished_request_makes_room_for_a_scrape(servers, caplog):
+    server = servers(max_connections=4)
+    evicted = sample("tcpinfo_http_dropped_total", reason="evicted")
+    silent = [socket.create_connection(server.address) for _ in range(10)]
+    response, body = request("GET", "/metrics", port=server.address[1])
+
+    assert response.status == 200 and b"tcpinfo_http_dropped_total" in body
+    wait_for(lambda: sample("tcpinfo_http_dropped_total", reason="evicted") == evicted + 7)
+    for oldest in silent[:6]:
+        oldest.settimeout(3)
+        assert oldest.recv(1) == b""
+    assert caplog.text.count("closed the oldest one still sending its request") == 1
+    for s in silent:
+        s.close()
+
+
+class _Huge:
+    """A collector whose exposition (about 8 MB) cannot fit in a client's socket buffers."""
+
+    def collect(self):
+        yield GaugeMetricFamily("huge", "x" * 8_000_000, value=1)
+
+
+def test_when_every_slot_is_answering_a_new_connection_is_closed_and_counted(servers, caplog):
+    registry = CollectorRegistry()
+    registry.register(_Huge())
+    server = servers(registry, max_connections=2)
+    answered = sample("tcpinfo_http_requests_total", code="200")
+    limit = sample("tcpinfo_http_dropped_total", reason="limit")
+    stalled = []
+    for _ in range(2):   # they ask for the exposition and never read it
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(server.address)
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        stalled.append(s)
+    wait_for(lambda: sample("tcpinfo_http_requests_total", code="200") == answered + 2)
+    late = socket.create_connection(server.address)
+    late.settimeout(3)
+
+    assert late.recv(1) == b""
+    assert sample("tcpinfo_http_dropped_total", reason="limit") == limit + 1
+    assert "all 2 are being answered" in caplog.text
+    for s in (*stalled, late):
+        s.close()
+
+
+@pytest.mark.parametrize("flag", ["-prometheusx.max-connections=0",
+                                  "-tcpinfo.eventsocket-max-clients=-1"])
+def test_a_cap_below_one_exits_2_naming_the_flag(testnet, flag):
+    proc = testnet.exec(testnet.ns_a, "tcp-info", flag, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert flag.split("=")[0] in proc.stderr and "must be at least 1" in proc.stderr
+
+
+class _Counting:
+    """A collector that counts how often an exposition was generated."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self):
+        self.calls += 1
+        yield GaugeMetricFamily("generation", "Expositions generated so far.", value=self.calls)
+
+
+def test_requests_that_wait_together_share_one_exposition(servers):
+    registry, counting = CollectorRegistry(), _Counting()
+    registry.register(counting)
+    server = servers(registry)
+    clients = [socket.create_connection(server.address, timeout=10) for _ in range(20)]
+    for s in clients:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+    replies = []
+    for s in clients:
+        replies.append(s.makefile("rb").read())
+        s.close()
+
+    assert all(reply.startswith(b"HTTP/1.1 200 OK\r\n") for reply in replies)
+    assert counting.calls < 20
+    assert len({reply.partition(b"\r\n\r\n")[2] for reply in replies}) == counting.calls
