@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("saver", help="end-to-end records/s: split, encode, compress, write")
     w.add_argument("-n", "--records", type=int, default=300_000)
     w.add_argument("--anonymize", action="store_true")
+    sv = sub.add_parser("servers", help="poll rate while clients load the event socket and "
+                                         "/metrics")
+    sv.add_argument("-s", "--seconds", type=float, default=10.0, help="length of each window")
     ch = sub.add_parser("churn", help="highest rate of new connections that is fully recorded")
     ch.add_argument("--rates", default="500,1000,2000,4000", metavar="R1,R2,...",
                     help="new connections per second to try, in turn")
@@ -321,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("tcpinfo-bench: needs root to create network namespaces", file=sys.stderr)
         return 2
+    if args.what == "servers":
+        from tcpinfo import bench_servers
+        bench_servers.print_rows(bench_servers.bench("tcp-info", args.seconds))
     if args.what == "churn":
         from tcpinfo import bench_churn
         rates = [float(r) for r in args.rates.split(",")]
