@@ -142,7 +142,7 @@ class Load:
     """A load process in the daemon's namespace; `held` is what it reported once ready."""
 
     def __init__(self, topo: Topology, ns: str, *args: str) -> None:
-        self.proc = topo.popen(ns, sys.executable, "-m", "tcpinfo.bench_servers", *args,
+        self.proc = topo.popen(ns, sys.executable, "-P", "-m", "tcpinfo.bench_servers", *args,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.held = 0
 

@@ -385,7 +385,7 @@ step("errors", value("tcpinfo_event_accept_errors_total", {"error": "EMFILE"}),
 def test_out_of_descriptors_new_clients_wait_while_connected_ones_are_served(sock_path,
                                                                              ndt_record):
     ts_ns, idm = ndt_record
-    server = subprocess.Popen([sys.executable, "-c", OUT_OF_FDS, sock_path, idm.hex()],
+    server = subprocess.Popen([sys.executable, "-P", "-c", OUT_OF_FDS, sock_path, idm.hex()],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
