@@ -411,6 +411,7 @@ def test_beyond_the_cap_the_oldest_unfinished_request_makes_room_for_a_scrape(se
     for oldest in silent[:6]:
         oldest.settimeout(3)
         assert oldest.recv(1) == b""
+    wait_for(lambda: "closed the oldest one still sending its request" in caplog.text)
     assert caplog.text.count("closed the oldest one still sending its request") == 1
     for s in silent:
         s.close()
@@ -442,7 +443,7 @@ def test_when_every_slot_is_answering_a_new_connection_is_closed_and_counted(ser
 
     assert late.recv(1) == b""
     assert sample("tcpinfo_http_dropped_total", reason="limit") == limit + 1
-    assert "all 2 are being answered" in caplog.text
+    wait_for(lambda: "all 2 are being answered" in caplog.text)   # logged after the close
     for s in (*stalled, late):
         s.close()
 
