@@ -1249,7 +1249,8 @@ static int on_destroyed(struct tcpi_core *c, const uint8_t *p, uint32_t n, int64
 /* Appends one recv to the queue (lock held); 0 if there is no room. */
 static int enqueue(struct dqueue *q, const uint8_t *p, uint32_t n, int64_t realtime_ns)
 {
-    uint32_t need = (uint32_t)sizeof(struct queued) + n;
+    /* Items start 8-byte aligned, so their headers and netlink messages are aligned. */
+    uint32_t need = (uint32_t)sizeof(struct queued) + ((n + 7u) & ~7u);
     if (q->len + need > q->cap) {
         uint32_t ncap = q->cap ? q->cap : 65536;
         while (ncap < q->len + need)
@@ -1262,9 +1263,10 @@ static int enqueue(struct dqueue *q, const uint8_t *p, uint32_t n, int64_t realt
         q->buf = nb;
         q->cap = ncap;
     }
-    struct queued h = {n, realtime_ns};
-    memcpy(q->buf + q->len, &h, sizeof(h));
-    memcpy(q->buf + q->len + sizeof(h), p, n);
+    struct queued *h = (struct queued *)(q->buf + q->len);
+    h->len = n;
+    h->realtime_ns = realtime_ns;
+    memcpy(h + 1, p, n);
     q->len += need;
     return 1;
 }
@@ -1342,22 +1344,21 @@ static void drain_destroyed(struct tcpi_core *c)
     c->taken = items;
     c->taken_cap = cap;
     for (uint32_t at = 0; at < len;) {
-        struct queued h;
-        memcpy(&h, items + at, sizeof(h));
-        const uint8_t *b = items + at + sizeof(h);
-        for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) <= h.len;) {
+        const struct queued *h = (const struct queued *)(items + at);
+        const uint8_t *b = (const uint8_t *)(h + 1);
+        for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) <= h->len;) {
             const struct nlmsghdr *m = (const struct nlmsghdr *)(b + pos);
-            if (m->nlmsg_len < sizeof(*m) || m->nlmsg_len > h.len - pos) {
+            if (m->nlmsg_len < sizeof(*m) || m->nlmsg_len > h->len - pos) {
                 st->bad++;
                 break;
             }
             if (m->nlmsg_type == SOCK_DIAG_BY_FAMILY &&
                 on_destroyed(c, (const uint8_t *)(m + 1), m->nlmsg_len - sizeof(*m),
-                             h.realtime_ns) < 0)
+                             h->realtime_ns) < 0)
                 st->errno_value = ENOMEM;
             pos += NLMSG_ALIGN(m->nlmsg_len);
         }
-        at += (uint32_t)sizeof(h) + h.len;
+        at += (uint32_t)sizeof(*h) + ((h->len + 7u) & ~7u);
     }
 }
 

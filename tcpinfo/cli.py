@@ -181,19 +181,19 @@ def run(config: flags.Config, stops: StopSignals) -> int:
     """Builds the collector from the configuration and runs it until it stops."""
     prepare_output(config.output, config.output_mode)
     prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
-    start_metrics(config.listen_address, config.max_connections)
-    poller = make_poller(config)
-    try:
-        events = start_events(config)
-    except StartError:
-        poller.close()
-        raise
     limits = Limits(flush_size=config.flush_size, flush_age_ns=config.flush_age_ns,
                     conn_limit=config.conn_buffer_limit, total_limit=config.buffer_limit,
                     rotate_ns=config.rotate_interval_ns)
     saver = Saver(os.getcwd(), prefix, limits,
                   archive_metadata(flags.format_duration(config.poll_interval_ns)),
                   config.output_mode)
+    start_metrics(config.listen_address, config.max_connections)
+    poller = make_poller(config)
+    try:
+        events = start_events(config)   # last: nothing after it can fail and leave the socket
+    except StartError:
+        poller.close()
+        raise
     collector = Collector(poller, saver, events, prefix,
                           Cadence(config.poll_interval_ns, config.cpu_budget), stops,
                           make_anonymizer(config.anonymize_ip), frozenset(config.count_port))

@@ -29,6 +29,7 @@ from tcpinfo.eventsocket import EventServer, NullServer
 from tcpinfo.inetdiag import IDM_LEN, split_message
 from tcpinfo.netlink import (PREVIOUS_WAS_NIL, SHORT, Change, DestroyStats, FamilyStats, Poller,
                              PollResult)
+from tcpinfo.ratelog import RateLimitedLog
 from tcpinfo.record import encode_message
 from tcpinfo.saver import Saver
 from tcpinfo.stopsignals import StopSignals
@@ -37,7 +38,6 @@ from tcpinfo.uuidprefix import make_uuid
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
-LOG_EVERY_NS = 60 * NS   # repeated dump errors are logged at most once a minute per kind
 INFO = 2                 # INET_DIAG_INFO attribute: struct tcp_info
 _COUNTERS = struct.Struct("<128xQ64xQ")  # tcp_info: bytes_received at 128, bytes_sent at 200
 _LOW64 = (1 << 64) - 1
@@ -103,7 +103,7 @@ class Collector:
         self._port_of: dict[int, int] = {}
         self._rates = ByteRates()
         self._stops = stops
-        self._logged: dict[str, int] = {}
+        self._log = RateLimitedLog(log)   # recurring problems: once a minute per kind
         self.polls = 0
 
     def run(self, reps: int = 0) -> None:
@@ -191,7 +191,8 @@ class Collector:
             line, info = encode_message(
                 ts, payload if anonymize is None else anonymize(payload[:IDM_LEN]), payload)
         except ValueError as err:
-            self._log_limited("malformed", "Skipping a record that cannot be archived: %s", err)
+            self._log(logging.WARNING, "malformed",
+                      "Skipping a record that cannot be archived: %s", err)
             metrics.DROPPED_RECORDS.labels(reason="malformed").inc()
             return
         self._saver.write(cookie, ts, line)
@@ -249,11 +250,12 @@ class Collector:
                 metrics.DESTROY_NOTIFICATIONS.labels(outcome=outcome).inc(n)
         if stats.overruns:
             metrics.DESTROY_OVERRUNS.inc(stats.overruns)
-            self._log_limited("overrun", "The kernel dropped destroy notifications (receive "
-                              "buffer full); polls close those connections instead")
+            self._log(logging.WARNING, "overrun", "Destroy notifications were lost (the "
+                      "kernel's buffer or the core's queue was full); polls close those "
+                      "connections instead")
         if stats.errno_value:
-            self._log_limited("destroy errno", "Reading destroy notifications failed: %s",
-                              os.strerror(stats.errno_value))
+            self._log(logging.WARNING, "destroy errno",
+                      "Reading destroy notifications failed: %s", os.strerror(stats.errno_value))
 
     def _count_family(self, family: int, stats: FamilyStats) -> None:
         af = metrics.AF_LABELS[family]
@@ -262,9 +264,9 @@ class Collector:
         metrics.CACHE.labels(op="total").inc(stats.messages - stats.excluded - stats.bad)
         if stats.error is not None:
             metrics.count_dump_error(family, stats.error)
-            self._log_limited(f"{af} {stats.error}", "The %s dump failed (%s, errno %d); its "
-                              "connections are kept until a dump succeeds", af, stats.error,
-                              stats.errno)
+            self._log(logging.WARNING, f"{af} {stats.error}", "The %s dump failed (%s, errno "
+                      "%d); its connections are kept until a dump succeeds", af, stats.error,
+                      stats.errno)
         if stats.interrupted:
             metrics.count_dump_error(family, "interrupted")
 
@@ -275,13 +277,6 @@ class Collector:
         metrics.DUMP_THREADS.set(self._poller.threads)
         self._rates.report()
         self._poller.release_memory()
-
-    def _log_limited(self, key: str, message: str, *args) -> None:
-        """Logs a recurring problem at most once a minute (upstream issue #121: hot-path logging)."""
-        now = time.monotonic_ns()
-        if now - self._logged.get(key, -LOG_EVERY_NS) >= LOG_EVERY_NS:
-            self._logged[key] = now
-            log.warning(message, *args)
 
     def _shutdown(self) -> None:
         """Closes every flow for event clients, writes every buffer, releases the kernel socket."""

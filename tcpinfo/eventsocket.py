@@ -37,7 +37,8 @@ from collections import deque
 from tcpinfo import metrics
 from tcpinfo.inetdiag import IDM_LEN, ip_string
 from tcpinfo.record import go_json, format_time
-from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, consume, fd_share
+from tcpinfo.ratelog import RateLimitedLog
+from tcpinfo.selectloop import Acceptor, Loop, consume, fd_share
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ MAX_DURATION_NS = 24 * 3600 * SECOND   # longer would overflow timers, and means
 MAX_SIZE = 64 << 30
 MAX_LIST_ITEMS = 1024                  # per list flag: the C filter holds 1,024 networks
 MAX_QUEUE = 1_000_000
+MAX_CLIENTS = 65_536                   # more than any fd limit lets a server hold
 MAX_PREFIX_BYTES = 200                 # NAME_MAX 255 minus "_<cookie>.<seq>.jsonl.zst"
 MAX_SOCKET_PATH_BYTES = 107            # sun_path holds 108 bytes with the final NUL
 
@@ -250,20 +251,24 @@ def parse_mode(text: str) -> int:
     return mode
 
 
-def parse_queue(text: str) -> int:
-    """A positive event count (Go integer syntax)."""
+def _count(text: str, what: str, most: int) -> int:
+    """A positive count (Go integer syntax), at most `most`."""
     value = parse_go_int(text)
-    if not 1 <= value <= MAX_QUEUE:
-        raise ValueError(f"queue length {text!r} must be between 1 and {MAX_QUEUE}")
+    if value < 1:
+        raise ValueError(f"{what} {text!r} must be at least 1")
+    if value > most:
+        raise ValueError(f"{what} {text!r} must be between 1 and {most}")
     return value
+
+
+def parse_queue(text: str) -> int:
+    """Events queued per event-socket client."""
+    return _count(text, "queue length", MAX_QUEUE)
 
 
 def parse_cap(text: str) -> int:
-    """A positive client or connection count (Go integer syntax)."""
-    value = parse_go_int(text)
-    if value < 1:
-        raise ValueError(f"limit {text!r} must be at least 1")
-    return value
+    """Clients or connections served at once (lowered further to a share of the fd limit)."""
+    return _count(text, "limit", MAX_CLIENTS)
 
 
 def parse_text(text: str) -> str:

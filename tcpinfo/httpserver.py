@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from tcpinfo.selectloop import Acceptor, Loop, RateLimitedLog, consume, fd_share
+from tcpinfo.ratelog import RateLimitedLog
+from tcpinfo.selectloop import Acceptor, Loop, consume, fd_share
 
 log = logging.getLogger(__name__)
 

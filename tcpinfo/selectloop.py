@@ -33,6 +33,8 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
+from tcpinfo.ratelog import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 STRETCH = 0.001
@@ -50,8 +52,6 @@ ACCEPT_BACKOFF = 0.1
 """Seconds an acceptor pauses after accept() fails for want of descriptors or memory."""
 ACCEPT_BATCH = 32
 """Connections accepted per readiness of the listener, so a flood cannot monopolize a turn."""
-LOG_EVERY = 60.0
-"""Seconds between two messages about the same recurring event (refusals, accept errors)."""
 
 Handler = Callable[[int], None]
 
@@ -181,30 +181,6 @@ class Loop:
         except Exception:
             self._log(logging.ERROR, "handler", "%s: unexpected error in a handler", self.name,
                       exc_info=True)
-
-
-class RateLimitedLog:
-    """Logs each kind of recurring event at most once per LOG_EVERY seconds, saying how many
-    were held back in between, so a flood of refusals costs a counter, not a log line each."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self._logger = logger
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def __call__(self, level: int, key: str, message: str, *args: object,
-                 exc_info: bool = False) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < LOG_EVERY:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        if held:
-            message += " (and %d more times since the last such message)"
-            args = (*args, held)
-        self._logger.log(level, message, *args, exc_info=exc_info, stacklevel=2)
 
 
 class Acceptor:

@@ -5,9 +5,12 @@ environment the package was installed into, so `pytest` passes on a fresh clone 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO / "tests" / "testdata"
@@ -23,4 +26,18 @@ def script(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"the {name} console script is not installed: "
                                 f"pip install '.[test]' first")
+    return found
+
+
+def tool(name: str) -> str:
+    """A system program a test needs (Debian package prometheus: promtool, prometheus).
+
+    Missing, it fails the test under CI (`.ci/run` exports CI=true and installs it: a skip there
+    would hide a gap) and skips it elsewhere, saying what to install.
+    """
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing in CI: apt-get install -y prometheus")
+        pytest.skip(f"{name} not installed (Debian: apt-get install -y prometheus)")
     return found

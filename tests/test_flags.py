@@ -176,8 +176,8 @@ def test_no_value_of_any_flag_or_variable_escapes_as_anything_but_a_flag_error(f
         for argv, env in (([f"-{flag.name}={value}"], {}), ([], {flag.env: value})):
             try:
                 parse(argv, env)
-            except FlagError:
-                pass
+            except FlagError as err:   # the one way out, and it names the flag or variable
+                assert flag.name in str(err) or flag.env in str(err), err
 
 
 def test_shell_variable_names_follow_flagx():

@@ -9,7 +9,6 @@ import math
 import os
 import re
 import select
-import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from paths import tool
 from tcpinfo import httpserver, metrics
 
 _SYSCALL = [0.001, 0.00125, 0.0016, 0.002, 0.0025, 0.0032, 0.004, 0.005, 0.0063, 0.0079,
@@ -218,11 +218,7 @@ UPSTREAM_LINT = {f"{name} metric name should not include type 'histogram'"
 
 
 def test_exposition_passes_promtool_apart_from_upstreams_names():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):   # .ci/run exports CI=true, as CI services do: never skip there
-            pytest.fail("promtool is missing in CI: apt-get install -y prometheus")
-        pytest.skip("promtool not installed (Debian: apt-get install -y prometheus)")
+    promtool = tool("promtool")
     proc = subprocess.run([promtool, "check", "metrics"], input=scrape(),
                           capture_output=True, text=True, timeout=60)
     problems = {line.strip() for line in (proc.stdout + proc.stderr).splitlines()
@@ -231,11 +227,7 @@ def test_exposition_passes_promtool_apart_from_upstreams_names():
 
 
 def test_a_real_prometheus_scrapes_the_server(tmp_path):
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus is missing in CI: apt-get install -y prometheus")
-        pytest.skip("prometheus not installed (Debian: apt-get install -y prometheus)")
+    prometheus = tool("prometheus")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         web = f"127.0.0.1:{probe.getsockname()[1]}"
