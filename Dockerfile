@@ -17,7 +17,7 @@ RUN apt-get update -qq \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md LICENSE ./
 COPY cffi_build/ cffi_build/
-COPY tcpinfo/ tcpinfo/
+COPY src/ src/
 RUN pip wheel -q --wheel-dir /wheels .
 
 # ---- runtime stage: no compiler, non-root, read-only friendly

@@ -1,4 +1,4 @@
-"""cffi out-of-line API build of tcpinfo's C core (``tcpinfo._native``).
+"""cffi out-of-line API build of tcpinfo's C core (``tcpinfo.core._native``).
 
 Like ``cryptography``'s bindings, the cdef comes from the C header itself (the
 part between the CDEF markers), so the C interface is declared exactly once.
@@ -11,6 +11,8 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "tcpinfo_core.h"
+SOURCES = ("table.c", "message.c", "filter.c", "netlink.c", "remnants.c", "poll.c", "threads.c",
+           "destroy.c", "encode.c", "csv.c")
 
 
 def _cdef_text() -> str:
@@ -28,9 +30,9 @@ def _source(name: str) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
-    "tcpinfo._native",
+    "tcpinfo.core._native",
     '#include "tcpinfo_core.h"',
-    sources=[_source("tcpinfo_core.c"), _source("tcpinfo_csv.c")],
+    sources=[_source(name) for name in SOURCES],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",
                         "-Wno-unused-parameter"],
@@ -39,5 +41,5 @@ ffibuilder.set_source(
 
 if __name__ == "__main__":
     import os
-    os.chdir(HERE.parent)
+    os.chdir(HERE.parent / "src")   # the module lands in src/tcpinfo/core/, beside its binding
     ffibuilder.compile(verbose=False)

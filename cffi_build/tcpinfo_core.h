@@ -2,9 +2,21 @@
  * tcpinfo_core.h - the C core of tcpinfo: one inet_diag dump per address family,
  * diffed against the previous poll in C, so Python only sees what changed.
  *
- * This header is both the C interface and (between the CDEF markers) the text
- * that cffi_build/build_core.py hands to cffi.  Keep the CDEF part plain: no
- * preprocessor conditionals, no macros with expressions.
+ * The one header of the core.  Between the CDEF markers it is the C interface and
+ * the text that cffi_build/build_core.py hands to cffi (keep that part plain: no
+ * preprocessor conditionals, no macros with expressions).  After them come the
+ * declarations the core's own files share, one section per file:
+ *   table.c     the snapshot table (keyed by cookie) and the result arena
+ *   message.c   one message's attributes, upstream's Compare, the layout
+ *   filter.c    which sockets are left out, in userspace
+ *   netlink.c   sockets in the core's namespace, requests, receives
+ *   remnants.c  time-wait remnants of short flows
+ *   poll.c      the dumps, the diff, the sweep; the core's life cycle
+ *   threads.c   dump threads and the ring that feeds the poll thread
+ *   destroy.c   destroy notifications: reader thread and queue
+ *   encode.c    archive lines from messages (the archive writer's, not the poller's)
+ *   csv.c       csvtool's row loop (upstream's schema)
+ * Python owns every policy; this is the per-socket loop.
  */
 #ifndef TCPINFO_CORE_H
 #define TCPINFO_CORE_H
@@ -209,8 +221,21 @@ int tcpi_check_bytecode(struct tcpi_core *core, uint32_t thread, uint8_t family)
  * messages.  Returns the count, or -1 with *err = errno. */
 int64_t tcpi_count_dump(struct tcpi_core *core, uint8_t family, int *err);
 
-/* ---- csvtool: rows of upstream's CSV (tcpinfo_csv.c) ----------------------
- * The default schema's per-row loop.  Python (tcpinfo/upstream_csv.py) owns
+/* The kernel structures the core was compiled against, as offsetof gives them:
+ * the facts that tcpinfo.kernel.inetdiag and tcpinfo.kernel.tcp state in Python,
+ * compared by a test so that the two languages cannot drift apart. */
+struct tcpi_layout {
+    uint32_t idm_len;     /* sizeof(struct inet_diag_msg) */
+    uint32_t idm_family, idm_state, idm_timer, idm_sport, idm_dport, idm_src, idm_dst,
+             idm_if, idm_cookie;
+    uint32_t max_slot;    /* upstream keeps attribute types 0..max_slot */
+    uint32_t info_type;   /* INET_DIAG_INFO */
+    uint32_t compared[4]; /* the tcp_info bytes Compare reads: [0, [1]) and [[2], [3]) */
+};
+void tcpi_layout(struct tcpi_layout *out);
+
+/* ---- csvtool: rows of upstream's CSV (csv.c) -------------------------------
+ * The default schema's per-row loop.  Python (tcpinfo/csvtool/upstream.py) owns
  * the column layout, passed in as a schema, and converts every line that C
  * declines: C only takes the canonical line shape Go writes. */
 
@@ -259,5 +284,306 @@ void tcpi_csv_rows(const struct tcpi_csv_schema *schema, const char *in, uint64_
                    uint64_t pos, char *out, uint64_t cap, struct tcpi_csv_progress *progress);
 
 /* CDEF-END */
+
+/* ===========================================================================
+ * Below: what the core's own files share.  Not part of the cffi interface; the
+ * core's .c files define TCPINFO_CORE_INTERNAL before including this header.
+ * ======================================================================== */
+#ifdef TCPINFO_CORE_INTERNAL
+
+#include <pthread.h>
+#include <sys/types.h>
+#include <stddef.h>
+#include <string.h>
+#include <time.h>
+#include <linux/inet_diag.h>
+
+/* Shared between the core's files, invisible outside the compiled module. */
+#define INTERNAL __attribute__((visibility("hidden")))
+
+#define MIN_RECV 32768u
+#define MAX_SLOT 38           /* upstream keeps attribute types 0..38 (2 x its stale INET_DIAG_MAX) */
+#define MAX_NETS 1024         /* excluded destinations, included networks */
+#define MAX_THREADS 16
+#define THREAD_NETNS "/proc/thread-self/ns/net"   /* the calling thread's namespace */
+#ifndef RING                  /* (a sanitizer build may shrink it to exercise full rings) */
+#define RING 16               /* receive buffers a helper may fill ahead of the poll thread */
+#endif
+
+/* ---- one inet_diag message: where its fields are (the kernel's own layout) -- */
+
+#define IDM_LEN ((uint32_t)sizeof(struct inet_diag_msg))
+#define IDM_AT(field) offsetof(struct inet_diag_msg, field)
+
+static inline uint8_t idm_family(const uint8_t *m) { return m[IDM_AT(idiag_family)]; }
+static inline uint8_t idm_state(const uint8_t *m) { return m[IDM_AT(idiag_state)]; }
+static inline uint8_t idm_timer(const uint8_t *m) { return m[IDM_AT(idiag_timer)]; }
+static inline const uint8_t *idm_src(const uint8_t *m) { return m + IDM_AT(id.idiag_src); }
+static inline const uint8_t *idm_dst(const uint8_t *m) { return m + IDM_AT(id.idiag_dst); }
+
+/* Ports travel in network byte order. */
+static inline uint16_t idm_sport(const uint8_t *m)
+{
+    return (uint16_t)(m[IDM_AT(id.idiag_sport)] << 8 | m[IDM_AT(id.idiag_sport) + 1]);
+}
+
+static inline uint16_t idm_dport(const uint8_t *m)
+{
+    return (uint16_t)(m[IDM_AT(id.idiag_dport)] << 8 | m[IDM_AT(id.idiag_dport) + 1]);
+}
+
+/* idiag_cookie is two host-order u32, low word first. */
+static inline uint64_t idm_cookie(const uint8_t *m)
+{
+    uint32_t lo, hi;
+    memcpy(&lo, m + IDM_AT(id.idiag_cookie), 4);
+    memcpy(&hi, m + IDM_AT(id.idiag_cookie) + 4, 4);
+    return (uint64_t)hi << 32 | lo;
+}
+
+/* What became of a tracked connection. */
+enum fate {
+    LIVE = 0,      /* seen by polls; data holds the last payload */
+    FINISHED = 1,  /* its destroy notification was recorded: a time-wait remnant
+                      with the same cookie is ignored until the dumps lose it */
+    CLOSED = 2,    /* reported vanished by a poll; kept (without data) for
+                      CLOSED_KEEP_NS so that a late notification is not taken for
+                      a new connection */
+    HELD = 3,      /* a time-wait socket under a cookie never seen alive: probably the
+                      remnant of a short flow whose notification is on its way; data
+                      holds it, unreported, until that notification claims it (then
+                      REMNANT) or the grace ends (then it is new, as upstream has it) */
+    REMNANT = 4    /* the time-wait remnant of a short flow, under a cookie of its own:
+                      ignored until the dumps lose it */
+};
+
+struct entry {
+    uint64_t cookie;
+    uint8_t *data;     /* last payload seen (LIVE only) */
+    uint32_t len, cap;
+    uint32_t epoch;    /* poll number when last seen */
+    uint8_t family;
+    uint8_t used;
+    uint8_t fate;      /* enum fate */
+    int64_t since_ns;  /* LIVE: first poll that missed it (0: seen); CLOSED: closing time;
+                          HELD: when a dump first showed it */
+};
+
+/* An address prefix, matched as inet_diag bytecode's host condition does. */
+struct net {
+    uint8_t family;
+    uint8_t bits;
+    uint8_t addr[16];
+};
+
+struct table {
+    struct entry *slots;
+    uint32_t cap;      /* power of two */
+    uint32_t count;
+};
+
+struct arena {
+    uint8_t *data;
+    uint32_t len, cap;
+};
+
+struct recvec {
+    struct tcpi_record *v;
+    uint32_t n, cap;
+};
+
+/* Destroy notifications, read by a thread of their own as the kernel sends them.
+ * The kernel drops what does not fit the listener's receive buffer (capped by
+ * net.core.rmem_max without CAP_NET_ADMIN: 416 KB on a default host, a few
+ * hundred notifications), and the poll thread may be busy for longer than that
+ * lasts under heavy churn; the reader only copies each one into this queue, which
+ * the poll thread empties whenever it handles notifications.  Each queued item is
+ * a struct queued header followed by the bytes of one recv. */
+struct queued {
+    uint32_t len;
+    int64_t realtime_ns;      /* when the reader received it */
+};
+
+struct dqueue {
+    pthread_t thread;
+    int running;
+    int wake_fd;              /* eventfd, readable while items wait (polls wait on it) */
+    int stop_fd[2];           /* a pipe that ends the reader */
+    pthread_mutex_t mu;       /* guards the fields below */
+    uint8_t *buf;             /* queued items */
+    uint32_t len, cap;
+    uint32_t overruns;        /* ENOBUFS, and items dropped for lack of room */
+    uint32_t bad;             /* recvs not from the kernel, or truncated */
+    int32_t errno_value;      /* last unexpected receive error */
+};
+
+/* What one thread asks of one family: a bytecode program (INET_DIAG_REQ_BYTECODE,
+ * allocated aligned; NULL: none), or nothing at all (skip: another thread dumps the
+ * whole family, and not walking it saves this thread a pass over the hash table). */
+struct program {
+    uint8_t *code;
+    uint32_t len;
+    int skip;
+};
+
+/* One netlink socket and what it asks for.  A poll dumps with one per thread: the
+ * poll thread's (dumpers[0]) and those of its helpers, each with programs that
+ * select its share of the sockets. */
+struct dumper {
+    int fd;
+    uint32_t port_id;
+    uint32_t seq;
+    uint8_t *buf;             /* receive buffer */
+    uint32_t buf_size;
+    struct program prog[2];   /* [0] for AF_INET6, [1] for AF_INET, as in FAMILIES */
+    int64_t busy_ns;          /* time spent dumping since tcpi_thread_busy last read it */
+    /* Helpers only.  Each recv is handed to the poll thread, which alone owns the
+     * snapshot table, through a ring of RING buffers: the helper fills slot
+     * head % RING, the poll thread diffs slots up to head and frees them up to
+     * tail.  head and tail only grow; each has one writer and is shared through
+     * atomics, so a helper and the poll thread work on the same poll at once. */
+    uint8_t *ring[RING];
+    uint32_t ring_len[RING], ring_seq[RING];
+    uint8_t ring_family[RING];    /* family slot, as in FAMILIES */
+    uint32_t head, tail;
+    uint32_t done_job;            /* the last job whose every chunk is in the ring */
+    int sleeping;                 /* the helper waits for a free slot */
+    struct tcpi_family_stats st[2];      /* the helper's: recvs, errors, times */
+    struct tcpi_family_stats diffed[2];  /* the poll thread's count of the helper's sockets */
+    int ok[2];                    /* the helper's dumps completed (helper writes) */
+    int diff_ok[2];               /* their chunks were all diffed (poll thread writes) */
+    pthread_t thread;
+    uint32_t job_seen;        /* the poll job before the thread started */
+    struct tcpi_core *core;
+};
+
+/* Where each attribute of one message is, in upstream's slots (see parse_attrs). */
+struct attrs {
+    uint16_t off[MAX_SLOT + 1];
+    uint16_t len[MAX_SLOT + 1];
+    uint8_t present[MAX_SLOT + 1];
+    int nslots;        /* upstream's len(Attributes): min(max type, 38) + 1 */
+};
+
+/* What a dump does with each socket's message. */
+enum walk_mode {
+    PROCESS,   /* filter, diff and report it (the poll thread only) */
+    COUNT,     /* count it: the benchmark's bare loop */
+    STREAM     /* nothing yet: a helper hands the checked chunk to the poll thread */
+};
+
+static inline int64_t now_ns(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+
+/* ---- the core's state, one part per section ------------------------------ */
+
+/* Which sockets are left out (filter.c). */
+struct filter {
+    int exclude_local;
+    uint8_t srcport[65536 / 8];
+    struct net *dstip, *incl_net;
+    uint32_t n_dstip, n_incl_net;
+    uint8_t incl_port[65536 / 8];
+    int any_incl_port;
+};
+
+/* The dump threads (threads.c): dumpers[0] is the poll thread's own. */
+struct pool {
+    struct dumper *dumpers;
+    uint32_t n;
+    pthread_mutex_t mu;       /* guards job and quit; sleeping on the conditions */
+    pthread_cond_t go;        /* a new job, or quit (helpers wait) */
+    pthread_cond_t ready;     /* a chunk handed over, or a job finished (poll thread waits) */
+    pthread_cond_t space;     /* ring slots freed (helpers wait) */
+    uint32_t job;
+    int quit;
+    int sleeping;             /* the poll thread waits for the helpers */
+};
+
+/* The destroy listener (destroy.c). */
+struct destroyer {
+    int fd;                   /* -1 if none */
+    struct dqueue q;          /* what its reader thread received */
+    uint8_t *taken;           /* the queue's items being handled (swapped with q.buf) */
+    uint32_t taken_cap;
+    int64_t grace_ns;
+};
+
+struct tcpi_core {
+    uint32_t recv_size;
+    uint8_t ext;
+    uint32_t states;
+    uint32_t epoch;           /* polls so far */
+    int source;               /* whose message the diff is at: 2 * thread + family slot */
+    int netns;                /* the network namespace the core was made in, -1 unknown */
+    struct filter filter;
+    struct pool pool;
+    struct destroyer destroy;
+    struct table tbl;         /* the snapshot table, keyed by cookie */
+    struct table shortflows;  /* 4-tuples of recent short flows (remnants.c) */
+    struct arena arena;
+    struct recvec changed, gone, destroyed;
+    struct tcpi_poll_result result;
+};
+
+/* table.c: the snapshot table and the result being built */
+INTERNAL uint32_t table_slot(const struct table *t, uint64_t cookie);
+INTERNAL int table_grow(struct table *t);
+INTERNAL struct entry *table_find(struct table *t, uint64_t cookie);
+INTERNAL struct entry *table_get(struct table *t, uint64_t cookie, int *created);
+INTERNAL void table_delete_at(struct table *t, uint32_t i);
+INTERNAL int entry_store(struct entry *e, const uint8_t *p, uint32_t n);
+INTERNAL void entry_drop(struct entry *e);
+INTERNAL int result_add(struct tcpi_core *c, struct recvec *v, const uint8_t *p, uint32_t n,
+                        uint64_t cookie, uint8_t family, uint8_t kind, int64_t realtime_ns);
+
+/* message.c: attributes and upstream's Compare */
+INTERNAL int parse_attrs(const uint8_t *p, uint32_t n, struct attrs *a);
+INTERNAL int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen,
+                  uint8_t *kind);
+
+/* filter.c */
+INTERNAL int filter_drops(const struct filter *f, const uint8_t *idm);
+
+/* netlink.c: sockets, requests, receives */
+INTERNAL int family_slot(uint8_t family);
+INTERNAL int netns_socket(struct tcpi_core *c, int flags);
+INTERNAL int open_socket(struct dumper *d);
+INTERNAL void reset_socket(struct dumper *d);
+INTERNAL int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t states);
+INTERNAL ssize_t recv_some(struct dumper *d, uint8_t *buf, int *truncated);
+
+/* remnants.c: time-wait remnants of short flows */
+INTERNAL int remember_short(struct tcpi_core *c, const uint8_t *idm);
+INTERNAL int recently_short(struct tcpi_core *c, const uint8_t *idm);
+INTERNAL void settle_remnant(struct tcpi_core *c, struct entry *e);
+INTERNAL void forget_shortflows(struct tcpi_core *c, int64_t now);
+INTERNAL int hold_timewait(struct tcpi_core *c, const uint8_t *p, uint32_t n, uint64_t cookie);
+
+/* poll.c: the diff and the dumps */
+INTERNAL int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b,
+                  uint32_t n, struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count);
+INTERNAL int dump_share(struct tcpi_core *c, struct dumper *d, int f,
+                        struct tcpi_family_stats *st, enum walk_mode mode);
+
+/* threads.c: dump threads */
+INTERNAL uint8_t *free_slot(struct tcpi_core *c, struct dumper *d, int64_t *waited);
+INTERNAL void hand_over(struct tcpi_core *c, struct dumper *d, int f, uint32_t n);
+INTERNAL void diff_helpers(struct tcpi_core *c, int wait);
+INTERNAL void merge_stats(struct tcpi_family_stats *into, const struct tcpi_family_stats *from);
+INTERNAL int dumper_init(struct tcpi_core *c, struct dumper *d, int ring);
+INTERNAL void dumper_free(struct dumper *d);
+INTERNAL void stop_helpers(struct tcpi_core *c);
+
+/* destroy.c: destroy notifications */
+INTERNAL void drain_destroyed(struct tcpi_core *c);
+INTERNAL void destroy_stop(struct tcpi_core *c);
+
+#endif /* TCPINFO_CORE_INTERNAL */
 
 #endif

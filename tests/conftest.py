@@ -1,20 +1,34 @@
-"""Shared fixtures: real network namespaces for every test that needs sockets."""
+"""Shared fixtures: real network namespaces for the tests that need sockets, metrics registries.
+
+A test that builds namespaces (through the fixtures below, or marked `netns`) needs root; without
+root it is skipped with that reason, and every other test still runs.  CI runs as root, so there
+nothing is skipped.
+"""
 import os
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from daemon_helpers import Daemon
-from topology import Topology
+from helpers.daemon import Daemon
+from lab.netns import Topology
+from tcpinfo.collector.metrics import Metrics
+
+NAMESPACE_FIXTURES = {"testnet", "shaped_testnet", "daemons"}
 
 
-def pytest_configure(config):
-    if os.geteuid() != 0:
-        raise pytest.UsageError("tcpinfo's tests create network namespaces: run them as root")
+def pytest_collection_modifyitems(config, items):
+    root = os.geteuid() == 0
+    skip = pytest.mark.skip(reason="builds network namespaces: run the tests as root")
+    for item in items:
+        if NAMESPACE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.netns)
+        if not root and item.get_closest_marker("netns"):
+            item.add_marker(skip)
 
 
 @pytest.fixture
 def testnet():
-    """Two namespaces joined by a veth pair (see tests/topology.py)."""
+    """Two namespaces joined by a veth pair (see lab/netns.py)."""
     topo = Topology()
     yield topo
     topo.destroy()
@@ -40,3 +54,9 @@ def daemons(tmp_path):
     yield start
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def metrics():
+    """The daemon's series on a registry of the test's own (what tcp-info builds at start)."""
+    return Metrics(CollectorRegistry())

@@ -11,11 +11,11 @@ from typing import BinaryIO
 
 import pytest
 import zstandard
-from test_csvtool import FINWAIT, MeasuredRun, expected_csv, plain, run, run_measured
-from paths import ARCHIVES
 
-from tcpinfo import archive
-from tcpinfo.archive import ArchiveError, iter_text, read_archive
+from helpers.csvtool import MeasuredRun, expected_csv, plain, run, run_measured
+from helpers.paths import ARCHIVES, FINWAIT
+from tcpinfo.archive import reader as archive
+from tcpinfo.archive.reader import ArchiveError, iter_text, read_archive
 
 MB = 1024  # ru_maxrss is in KiB
 RSS_BOUND_KIB = 100 * MB

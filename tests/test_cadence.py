@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from daemon_helpers import metric, scrape
-from tcpinfo.cadence import Cadence
+from helpers.daemon import metric, scrape
+from tcpinfo.collector.cadence import Cadence
 
 MS = 1_000_000
 

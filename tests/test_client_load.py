@@ -15,8 +15,8 @@ import socket
 import orjson
 import pytest
 
-from daemon_helpers import archives, metric, scrape, uuid_of, wait_until
-from tcpinfo.bench_servers import Load, measure, proc_status
+from helpers.daemon import archives, metric, scrape, uuid_of, wait_until
+from lab.bench.servers import Load, measure, proc_status
 
 WINDOW = 3.0          # seconds per measured window
 MIN_SHARE = 0.8       # of the unloaded poll rate, under any load

@@ -3,8 +3,8 @@ import struct
 
 import pytest
 
-from tcpinfo.netlink import compare
-from test_record import raw_netlink_messages
+from helpers.netlink import raw_netlink_messages
+from tcpinfo.collector.poller import compare
 
 NO_CHANGE, STATE, NO_TCPINFO, NEW_ATTR, LOST_ATTR, ATTR_LEN, COUNTERS, OTHER = 0, 1, 2, 3, 4, 5, 6, 9
 INFO, MEMINFO, CONG, TOS = 2, 1, 4, 5

@@ -3,83 +3,17 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 import orjson
 import pytest
 import zstandard
-from paths import ARCHIVES, FINWAIT, NDT, TESTDATA, script
 
-from tcpinfo.bench_csvtool import write_archive
-
-CSVTOOL = script("csvtool")
-
-
-def expected_csv(archive: Path) -> bytes:
-    return (archive.parent / "expected-csv" / archive.name.replace(".jsonl.zst", ".csv")).read_bytes()
-
-
-def plain(archive: Path) -> bytes:
-    with open(archive, "rb") as compressed:
-        return zstandard.ZstdDecompressor().stream_reader(compressed).read()
-
-
-def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CSVTOOL, *args], input=stdin, capture_output=True, timeout=120)
-
-
-class Measured(NamedTuple):
-    returncode: int
-    stderr: str
-    peak_rss_kib: int
-    """The csvtool process's own peak resident set (wait4's ru_maxrss)."""
-    rows: int
-    """Lines it wrote (counted by ``wc -l`` as they stream, so output of any size costs no memory)."""
-
-
-class MeasuredRun:
-    """csvtool started on real files, stdin read from the file ``stdin``; its output is counted by
-    ``wc -l`` as it streams, so output of any size costs no memory.  Several can run at once."""
-
-    def __init__(self, *args: str, stdin: str = os.devnull) -> None:
-        self.args = args
-        with open(stdin, "rb") as source:
-            self._err = tempfile.TemporaryFile()
-            self._wc = subprocess.Popen(["wc", "-l"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            self._proc = subprocess.Popen([CSVTOOL, *args], stdin=source, stdout=self._wc.stdin,
-                                          stderr=self._err)
-        self._wc.stdin.close()
-
-    def result(self, timeout: float = 120) -> Measured:
-        """Waits for csvtool; fails the test if it has not ended after ``timeout`` seconds (input
-        without end must still end, with an error)."""
-        deadline = time.monotonic() + timeout
-        while not (waited := os.wait4(self._proc.pid, os.WNOHANG))[0]:
-            if time.monotonic() > deadline:
-                self._proc.kill()
-                os.wait4(self._proc.pid, 0)
-                self._wc.wait()
-                pytest.fail(f"csvtool {' '.join(self.args)} still running after {timeout} s")
-            time.sleep(0.02)
-        _, status, usage = waited
-        self._proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        with self._wc.stdout as counted:
-            count = int(counted.read())
-        self._wc.wait()
-        with self._err as err:
-            err.seek(0)
-            return Measured(self._proc.returncode, err.read().decode(), usage.ru_maxrss, count)
-
-
-def run_measured(*args: str, stdin: str = os.devnull, timeout: float = 120) -> Measured:
-    """One MeasuredRun to its end."""
-    return MeasuredRun(*args, stdin=stdin).result(timeout)
+from helpers.csvtool import expected_csv, plain, run, run_measured
+from helpers.paths import ARCHIVES, FINWAIT, NDT, TESTDATA
+from lab.bench.csvtool import write_archive
 
 
 def rows(output: bytes) -> list[dict[str, str]]:
@@ -111,7 +45,7 @@ def test_dash_reads_stdin_and_detects_zstd() -> None:
 def test_module_entry_point_matches_console_script(tmp_path: Path) -> None:
     # Run outside the checkout: `python -m` puts the cwd first on sys.path, and the source tree
     # of a fresh clone has no compiled core.
-    result = subprocess.run([sys.executable, "-m", "tcpinfo.csvtool", str(FINWAIT)],
+    result = subprocess.run([sys.executable, "-m", "tcpinfo.csvtool.cli", str(FINWAIT)],
                             capture_output=True, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == expected_csv(FINWAIT)
 
@@ -233,7 +167,7 @@ def test_one_million_records_convert_in_bounded_memory(tmp_path: Path, monkeypat
 
 
 def test_a_line_spanning_many_chunks_and_a_last_line_without_newline_are_read_whole(tmp_path):
-    from tcpinfo import archive
+    from tcpinfo.archive import reader as archive
     long_line = b"x" * (archive.STEP * 5 + 17)
     lines = [b"first", long_line, b"", b"middle", long_line[:-5] + b"end"]
     path = tmp_path / "long.jsonl.zst"

@@ -16,11 +16,10 @@ import orjson
 import pytest
 import zstandard
 
-from daemon_helpers import (CLIENT, archives, metric, read_archive, records, scrape, uuid_of,
-                            wait_until)
-from tcpinfo.record import decode_line, parse_time
-from tcpinfo.tcp import decode_tcp_info
-from topology import cookie_of, run
+from helpers.daemon import CLIENT, archives, metric, read_archive, records, scrape, uuid_of, wait_until
+from lab.netns import cookie_of, run
+from tcpinfo.archive.record import decode_line, parse_time
+from tcpinfo.kernel.tcp import decode_tcp_info
 
 
 def test_each_connection_gets_one_archive_series_with_header_and_records(testnet, tmp_path,

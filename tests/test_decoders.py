@@ -5,11 +5,12 @@ import struct
 from collections import Counter
 
 import pytest
-from paths import NDT, TESTDATA
-from test_record import raw_netlink_messages
 
-from tcpinfo.archive import read_archive
-from tcpinfo.inetdiag import (
+from helpers.netlink import raw_netlink_messages
+from helpers.paths import NDT, TESTDATA
+from tcpinfo.archive.reader import read_archive
+from tcpinfo.archive.record import decode_line
+from tcpinfo.kernel.inetdiag import (
     AF_INET,
     AF_INET6,
     INET_DIAG_INFO,
@@ -19,8 +20,7 @@ from tcpinfo.inetdiag import (
     sockopt_names,
     split_message,
 )
-from tcpinfo.record import decode_line
-from tcpinfo.tcp import TCP_INFO, decode_tcp_info, state_name
+from tcpinfo.kernel.tcp import TCP_INFO, decode_tcp_info, state_name
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 
-from tcpinfo.inetdiag import split_message
-from tcpinfo.netlink import FINAL, SHORT, Poller
-from tcpinfo.sockfilter import Filter
-from tcpinfo.tcp import decode_tcp_info
-from topology import cookie_of
+from lab.netns import cookie_of
+from tcpinfo.collector.poller import FINAL, SHORT, Poller
+from tcpinfo.collector.sockfilter import Filter
+from tcpinfo.kernel.inetdiag import split_message
+from tcpinfo.kernel.tcp import decode_tcp_info
 
 TCP_CLOSE = 7
 INFO = 2
@@ -153,7 +153,7 @@ def test_without_a_listener_a_closed_connection_vanishes_at_the_next_poll(testne
 # while the kernel sends notifications; it reports what it saw as JSON lines.
 STOPPABLE_POLLER = """
 import json, sys, time
-from tcpinfo.netlink import Poller
+from tcpinfo.collector.poller import Poller
 poller = Poller()
 poller.listen_destroyed(rcvbuf=1, grace_ns=100_000_000)   # the kernel's minimum
 print(json.dumps(sorted(c.cookie for c in poller.poll().changes)), flush=True)
@@ -172,8 +172,7 @@ print(json.dumps([sorted(closed), overruns]), flush=True)
 def test_notifications_lost_to_a_full_buffer_are_counted_and_polls_close_the_rest(testnet):
     pairs = testnet.open_many(60)
     cookies = {cookie_of(client) for client, _ in pairs}
-    # -P: the installed package, not the source tree in the working directory (no C core there)
-    proc = testnet.popen(testnet.ns_a, sys.executable, "-P", "-c", STOPPABLE_POLLER,
+    proc = testnet.popen(testnet.ns_a, sys.executable, "-c", STOPPABLE_POLLER,
                          str(len(pairs)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert set(json.loads(proc.stdout.readline())) == cookies

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tcpinfo.netlink import Poller
-from tcpinfo import bench, shares
-from tcpinfo._native import ffi, lib
-from tcpinfo.sockfilter import Filter, compile_filter
-from daemon_helpers import metric, scrape, wait_until
-from topology import cookie_of
+from helpers.daemon import metric, scrape, wait_until
+from lab.bench import poll as bench
+from lab.netns import cookie_of
+from tcpinfo.collector import shares
+from tcpinfo.collector.poller import Poller
+from tcpinfo.collector.sockfilter import Filter, compile_filter
+from tcpinfo.core.binding import ffi, lib
 
 
 def poller_in(topo, threads: int, sockets: Filter | None = None) -> Poller:
@@ -199,14 +200,14 @@ def test_dump_threads_have_no_data_race_under_thread_sanitizer(testnet, tmp_path
         exe = tmp_path / f"dump_threads_{ring}"
         subprocess.run(["gcc", f"-DRING={ring}", "-fsanitize=thread", "-g", "-O1", "-std=gnu11",
                         "-pthread", f"-I{build}", str(native / "dump_threads.c"),
-                        str(build / "tcpinfo_core.c"), "-o", str(exe)], check=True)
+                        *map(str, sorted(build.glob("*.c"))), "-o", str(exe)], check=True)
         run = testnet.exec(testnet.ns_b, "env", "TSAN_OPTIONS=halt_on_error=1 exitcode=66",
                            str(exe))
         assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_auto_counts_the_cpus_a_cgroup_quota_leaves(tmp_path):
-    from tcpinfo.cli import usable_cpus
+    from tcpinfo.collector.main import usable_cpus
     affinity = len(os.sched_getaffinity(0))
     quota = tmp_path / "cpu.max"
     for text, cpus in (("max 100000", affinity), ("50000 100000", 1),

@@ -3,11 +3,12 @@ import struct
 
 import pytest
 
-from tcpinfo.archive import read_archive
-from tcpinfo.inetdiag import split_message
-from tcpinfo.record import decode_line, encode_message, encode_record
-from paths import ARCHIVES
-from test_record import raw_netlink_messages
+from helpers.netlink import raw_netlink_messages
+from helpers.paths import ARCHIVES
+from tcpinfo.archive.encode import encode_message
+from tcpinfo.archive.reader import read_archive
+from tcpinfo.archive.record import decode_line, encode_record
+from tcpinfo.kernel.inetdiag import split_message
 
 
 def payload_of(raw_idm: bytes, attributes: list) -> bytes:

@@ -7,9 +7,9 @@ import time
 
 import orjson
 
-from daemon_helpers import CLIENT, metric, records, scrape, uuid_of
-from tcpinfo.tcp import decode_tcp_info
-from topology import cookie_of
+from helpers.daemon import CLIENT, metric, records, scrape, uuid_of
+from lab.netns import cookie_of
+from tcpinfo.kernel.tcp import decode_tcp_info
 
 TCP_CLOSE = 7
 INFO = 2

@@ -4,8 +4,9 @@ import subprocess
 
 import pytest
 
-from tcpinfo import flags
-from tcpinfo.flags import FlagError, HelpRequested, parse
+from tcpinfo.base import goflag
+from tcpinfo.collector import flags
+from tcpinfo.collector.flags import FlagError, HelpRequested, parse
 
 
 def test_go_syntax_single_and_double_dash_with_equals_or_separate_value():
@@ -161,8 +162,8 @@ def test_every_logged_argument_is_a_value_the_flag_accepts_back():
         if name == "uuid-prefix-file":
             continue   # empty: no file
         again = parse([f"-{name}={value}"], {})
-        flag = flags._BY_NAME[name]
-        assert f"{name}={flags._show(flag, getattr(again, flag.attr))}" == argument
+        flag = next(f for f in flags.FLAGS if f.name == name)
+        assert f"{name}={goflag.show(flag, getattr(again, flag.attr))}" == argument
 
 
 NASTY = ["", " ", "-1", "0", "1e400", "nan", "inf", "0x", "99999999999999999999999999",
@@ -181,15 +182,15 @@ def test_no_value_of_any_flag_or_variable_escapes_as_anything_but_a_flag_error(f
 
 
 def test_shell_variable_names_follow_flagx():
-    assert flags.shell_variable_name("prometheusx.listen-address") == \
+    assert goflag.shell_variable_name("prometheusx.listen-address") == \
         "PROMETHEUSX_LISTEN_ADDRESS"
-    assert flags.shell_variable_name("9lives") == "_9LIVES"
+    assert goflag.shell_variable_name("9lives") == "_9LIVES"
 
 
 def test_durations_parse_and_print_like_go():
-    assert flags.parse_duration("1h2m3.5s") == 3723_500_000_000
-    assert flags.parse_duration(".5ms") == 500_000
-    assert [flags.format_duration(ns) for ns in (10_000_000, 1_500, 600 * 10**9, 90 * 10**9)] == \
+    assert goflag.parse_duration("1h2m3.5s") == 3723_500_000_000
+    assert goflag.parse_duration(".5ms") == 500_000
+    assert [goflag.format_duration(ns) for ns in (10_000_000, 1_500, 600 * 10**9, 90 * 10**9)] == \
         ["10ms", "1.5µs", "10m0s", "1m30s"]
 
 

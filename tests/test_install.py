@@ -7,11 +7,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from paths import REPO, script
 
 import tcpinfo
+from helpers.paths import REPO, script
 
-SCRIPTS = ("tcp-info", "csvtool", "tcpinfo-bench", "tcpinfo-events")
+SCRIPTS = ("tcp-info", "csvtool", "tcpinfo-events")
 
 
 def source_copy(tmp_path: Path) -> Path:
@@ -48,10 +48,10 @@ def test_install_without_a_compiler_fails_with_a_clear_message(tmp_path):
 
 
 def test_the_wheel_is_tagged_abi3_like_the_limited_api_module_it_carries(wheel):
-    # cffi compiles against the limited API (tcpinfo/_native.abi3.so): one wheel for every
+    # cffi compiles against the limited API (tcpinfo/core/_native.abi3.so): one wheel for every
     # CPython >= 3.11, so the tag must say cp311-abi3, not cp3XY-cp3XY nor py3-none-any.
     modules = [n for n in wheel.namelist() if n.endswith(".so")]
-    assert modules == ["tcpinfo/_native.abi3.so"]
+    assert modules == ["tcpinfo/core/_native.abi3.so"]
     name, version, python, abi, platform = Path(wheel.filename).stem.split("-")
     assert (name, version, python, abi) == ("tcpinfo", tcpinfo.__version__, "cp311", "abi3")
     assert platform.startswith("linux_") or platform.startswith("manylinux")

@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from daemon_helpers import archives, metric, scrape, uuid_of
-from tcpinfo.netlink import Poller
-from tcpinfo.sockfilter import Filter, compile_filter
-from topology import cookie_of
+from helpers.daemon import archives, metric, scrape, uuid_of
+from lab.netns import cookie_of
+from tcpinfo.collector.poller import Poller
+from tcpinfo.collector.sockfilter import Filter, compile_filter
 
 A_EXTRA = ["198.18.0.11", "198.18.0.12", "fd00:18::11"]
 B_EXTRA = ["198.18.0.21", "198.18.0.22", "fd00:18::21"]
@@ -146,7 +146,7 @@ def test_a_program_the_kernel_rejects_leaves_filtering_to_userspace(testnet, mon
         poller = Poller(Filter(srcports={excluded_port}))
     # No program the compiler writes is refused, so hand the real kernel one its audit rejects:
     # a jump that goes nowhere.
-    monkeypatch.setattr("tcpinfo.netlink.compile_filter", lambda sockets: bytes([1, 0, 0, 0]))
+    monkeypatch.setattr("tcpinfo.collector.poller.compile_filter", lambda sockets: bytes([1, 0, 0, 0]))
     refusal = poller.filter_in_kernel(Filter(srcports={excluded_port}))
     assert refusal and "rejected" in refusal and "Invalid argument" in refusal
     assert poller.bytecode_size == 0

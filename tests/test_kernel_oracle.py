@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from tcpinfo.inetdiag import ip_string, split_message
-from tcpinfo.netlink import Poller
-from tcpinfo.tcp import decode_tcp_info
-from topology import cookie_of
+from lab.netns import cookie_of
+from tcpinfo.collector.poller import Poller
+from tcpinfo.kernel.inetdiag import ip_string, split_message
+from tcpinfo.kernel.tcp import decode_tcp_info
 
 TCP_INFO_LEN = 280
 CGROUP_ID = 21

@@ -16,12 +16,13 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from paths import tool
-from tcpinfo import httpserver, metrics
+from helpers.paths import tool
+from tcpinfo.collector.metrics import Metrics, daemon_registry
+from tcpinfo.servers import httpserver
 
 _SYSCALL = [0.001, 0.00125, 0.0016, 0.002, 0.0025, 0.0032, 0.004, 0.005, 0.0063, 0.0079,
             0.01, 0.0125, 0.016, 0.02, 0.025, 0.032, 0.04, 0.05, 0.063, 0.079,
@@ -72,14 +73,23 @@ OURS = {
     "tcpinfo_http_dropped_total": ("counter", {"reason"}, None),
     "tcpinfo_http_accept_errors_total": ("counter", {"error"}, None),
 }
+METRICS = Metrics(daemon_registry())
+"""The daemon's series on the daemon's registry, as tcp-info builds them at start."""
+REGISTRY = METRICS.registry
 # Vectors whose label values are open-ended appear once a value is used; the rest are
-# created at import (see tcpinfo/metrics.py).
-for _vector in (metrics.LARGE_NETLINK, metrics.NETLINK_SKIPPED, metrics.WRITE_ERRORS,
-                metrics.DROPPED_BYTES, metrics.DROPPED_RECORDS):
+# created with the Metrics (see tcpinfo/collector/metrics.py).
+for _vector in (METRICS.large_netlink, METRICS.netlink_skipped, METRICS.write_errors,
+                METRICS.dropped_bytes, METRICS.dropped_records):
     _vector.labels("test")
-metrics.PORT_CONNECTIONS.labels(port="443")
+METRICS.port_connections.labels(port="443")
 
-_, PORT = metrics.start_http_server("127.0.0.1:0")
+
+def start_http_server(address: str) -> tuple[str, int]:
+    """/metrics of METRICS served as the daemon serves it; the bound host and port."""
+    return httpserver.serve(address, REGISTRY, METRICS.http).address
+
+
+_, PORT = start_http_server("127.0.0.1:0")
 
 
 def scrape(url: str = f"http://127.0.0.1:{PORT}/metrics") -> str:
@@ -142,13 +152,13 @@ def test_build_info_names_this_build():
 
 
 def test_git_short_commit_is_the_hash_as_a_number_in_one_series():
-    metrics.set_git_commit("4f4e9e5")
+    METRICS.set_git_commit("4f4e9e5")
     try:
         assert REGISTRY.get_sample_value("git_short_commit", {"commit": "4f4e9e5"}) == 0x4f4e9e5
         text = scrape()
         assert text.count("\ngit_short_commit{") == 1
     finally:
-        metrics.set_git_commit("No commit specified")
+        METRICS.set_git_commit("No commit specified")
     assert REGISTRY.get_sample_value("git_short_commit", {"commit": "No commit specified"}) == 0
 
 
@@ -158,17 +168,17 @@ def test_dump_error_counts_in_ours_and_upstreams_series():
 
     ours = value("tcpinfo_dump_errors_total", af="ipv6", reason="wrong pid")
     upstream = value("tcpinfo_error_total", type="wrong pid")
-    metrics.count_dump_error(socket.AF_INET6, "wrong pid")
+    METRICS.count_dump_error(socket.AF_INET6, "wrong pid")
     assert value("tcpinfo_dump_errors_total", af="ipv6", reason="wrong pid") == ours + 1
     assert value("tcpinfo_error_total", type="wrong pid") == upstream + 1
 
     interrupted = value("tcpinfo_dump_errors_total", af="ipv4", reason="interrupted")
-    metrics.count_dump_error(socket.AF_INET, "interrupted")
+    METRICS.count_dump_error(socket.AF_INET, "interrupted")
     assert value("tcpinfo_dump_errors_total", af="ipv4", reason="interrupted") == interrupted + 1
     assert value("tcpinfo_error_total", type="interrupted") is None
 
     with pytest.raises(ValueError, match="unknown dump error reason"):
-        metrics.count_dump_error(socket.AF_INET, "gremlins")
+        METRICS.count_dump_error(socket.AF_INET, "gremlins")
 
 
 @pytest.mark.parametrize("address, bound, url_host", [(":0", "::", "127.0.0.1"),
@@ -176,7 +186,7 @@ def test_dump_error_counts_in_ours_and_upstreams_series():
                                                       ("[::1]:0", "::1", "[::1]"),
                                                       ("localhost:0", "127.0.0.1", "127.0.0.1")])
 def test_go_listen_addresses_are_served_and_the_bound_address_returned(address, bound, url_host):
-    host, port = metrics.start_http_server(address)
+    host, port = start_http_server(address)
     assert host == bound and port > 0
     assert "tcpinfo_snapshot_total" in scrape(f"http://{url_host}:{port}/metrics")
 
@@ -185,7 +195,7 @@ def test_go_listen_addresses_are_served_and_the_bound_address_returned(address, 
                                      ":65536", "[not-v6]:9990"])
 def test_bad_listen_address_is_a_value_error(address):
     with pytest.raises(ValueError, match="listen address|IPv6"):
-        metrics.start_http_server(address)
+        start_http_server(address)
 
 
 def test_listen_failure_is_an_os_error_naming_the_address():
@@ -194,7 +204,7 @@ def test_listen_failure_is_an_os_error_naming_the_address():
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         with pytest.raises(OSError, match=f"cannot serve metrics on '{address}'"):
-            metrics.start_http_server(address)
+            start_http_server(address)
 
 
 def test_the_daemon_logs_the_address_it_serves_and_answers_there_on_ipv4_and_ipv6(testnet,
@@ -352,7 +362,7 @@ def servers():
     started: list[httpserver.HTTPServer] = []
 
     def start(registry=REGISTRY, **kw) -> httpserver.HTTPServer:
-        server = httpserver.HTTPServer("127.0.0.1", 0, registry, metrics.HTTP_COUNTERS, **kw)
+        server = httpserver.HTTPServer("127.0.0.1", 0, registry, METRICS.http, **kw)
         server.start()
         started.append(server)
         return server

@@ -18,13 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
 
-from daemon_helpers import archives, metric, read_archive, records, scrape, uuid_of, wait_until
-from tcpinfo.outtree import OPEN_DAYS, RECHECK_NS
-from tcpinfo.saver import RETRY_NS, Limits, Saver
-from test_saver import PREFIX, S, T0, files, frames, line, numbers
-from topology import cookie_of
+from helpers.daemon import archives, metric, read_archive, records, scrape, uuid_of, wait_until
+from helpers.saver import PREFIX, T0, S, files, frames, line, numbers
+from lab.netns import cookie_of
+from tcpinfo.collector.outtree import OPEN_DAYS, RECHECK_NS
+from tcpinfo.collector.saver import RETRY_NS, Limits, Saver
 
 NOBODY = 65534
 DAY = "2026/03/01"          # T0's UTC day
@@ -57,12 +56,12 @@ def shared():
     shutil.rmtree(base)
 
 
-def unsafe(kind: str) -> float:
-    return REGISTRY.get_sample_value("tcpinfo_unsafe_paths_total", {"kind": kind}) or 0.0
+def unsafe(metrics, kind: str) -> float:
+    return metrics.registry.get_sample_value("tcpinfo_unsafe_paths_total", {"kind": kind}) or 0.0
 
 
-def write_errors(cause: str) -> float:
-    return REGISTRY.get_sample_value("tcpinfo_write_errors_total", {"cause": cause}) or 0.0
+def write_errors(metrics, cause: str) -> float:
+    return metrics.registry.get_sample_value("tcpinfo_write_errors_total", {"cause": cause}) or 0.0
 
 
 def mode(path: Path) -> int:
@@ -99,12 +98,12 @@ def umask(value: int):
 
 # ------------------------------------------------------------------ the saver, case by case
 
-def saver_with_archive(shared: Path) -> tuple[Saver, Path]:
+def saver_with_archive(shared: Path, metrics) -> tuple[Saver, Path]:
     """A saver that wrote connection 3's first file into a day directory the attacker made in
     advance (and so may change), and that file's path."""
     out = shared / "out"
     as_nobody("mkdir", "-p", DAY, cwd=out)
-    saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
+    saver = Saver(str(out), PREFIX, metrics, Limits(flush_age_ns=S))
     saver.write(3, T0, line(T0, 1))
     saver.flush_due(T0 + S)
     first = out / DAY / f"{UUID3}.00000.jsonl.zst"
@@ -120,10 +119,10 @@ def flush_again(saver: Saver, first: Path) -> Path:
     return first.with_name(f"{UUID3}.00001.jsonl.zst")
 
 
-def test_an_archive_replaced_by_a_symlink_to_a_root_file_is_not_followed_and_the_records_go_on_in_the_next_file(  # noqa: E501
-        shared, caplog):
-    saver, first = saver_with_archive(shared)
-    before = unsafe("symlink")
+def test_an_archive_replaced_by_a_symlink_to_a_root_file_is_not_followed_and_the_records_go_on_in_the_next_file(
+        shared, caplog, metrics):
+    saver, first = saver_with_archive(shared, metrics)
+    before = unsafe(metrics, "symlink")
     as_nobody("ln", "-sf", str(shared / "victim"), first.name, cwd=first.parent)
     second = flush_again(saver, first)
 
@@ -131,7 +130,7 @@ def test_an_archive_replaced_by_a_symlink_to_a_root_file_is_not_followed_and_the
     assert os.readlink(first) == str(shared / "victim")   # the planted link is left alone
     assert numbers(second) == [2]
     assert b'"Sequence":1' in frames(second)[0].splitlines()[0]
-    assert unsafe("symlink") == before + 1
+    assert unsafe(metrics, "symlink") == before + 1
     assert f"{first} is now a symbolic link" in caplog.text
 
 
@@ -141,31 +140,31 @@ def test_an_archive_replaced_by_a_symlink_to_a_root_file_is_not_followed_and_the
     ("rm -f $1 && echo attacker > $1", "replaced file"),
 ])
 def test_an_archive_replaced_by_a_fifo_directory_or_other_file_is_left_alone_without_blocking(
-        shared, caplog, replacement, kind):
-    saver, first = saver_with_archive(shared)
+        shared, caplog, replacement, kind, metrics):
+    saver, first = saver_with_archive(shared, metrics)
     as_nobody("sh", "-c", replacement, "attacker", first.name, cwd=first.parent)
     planted = first.lstat()
-    before = unsafe(kind)
+    before = unsafe(metrics, kind)
     second = flush_again(saver, first)
 
     assert first.lstat().st_ino == planted.st_ino and first.lstat().st_size == planted.st_size
     assert numbers(second) == [2]
-    assert unsafe(kind) == before + 1
+    assert unsafe(metrics, kind) == before + 1
     assert f"{first} is now" in caplog.text
 
 
-def test_a_fifo_with_a_reader_in_place_of_an_archive_gets_nothing_written(shared):
-    saver, first = saver_with_archive(shared)
+def test_a_fifo_with_a_reader_in_place_of_an_archive_gets_nothing_written(shared, metrics):
+    saver, first = saver_with_archive(shared, metrics)
     as_nobody("sh", "-c", "rm -f $1 && mkfifo -m 666 $1", "attacker", first.name,
               cwd=first.parent)
     reader = os.open(first, os.O_RDONLY | os.O_NONBLOCK)   # so that opening to write succeeds
     try:
-        before = unsafe("not a regular file")
+        before = unsafe(metrics, "not a regular file")
         second = flush_again(saver, first)
         assert os.read(reader, 65536) == b""   # opened and closed, nothing written into it
     finally:
         os.close(reader)
-    assert unsafe("not a regular file") == before + 1
+    assert unsafe(metrics, "not a regular file") == before + 1
     assert numbers(second) == [2]
 
 
@@ -176,18 +175,18 @@ def test_a_fifo_with_a_reader_in_place_of_an_archive_gets_nothing_written(shared
     ("2026", "mkfifo $2", "ENOTDIR", "not a directory"),
 ])
 def test_a_link_or_fifo_where_a_directory_should_be_is_never_followed_and_the_records_wait(
-        shared, caplog, level, plant, cause, kind):
+        shared, caplog, level, plant, cause, kind, metrics):
     out = shared / "out"
     if "/" in level:
         as_nobody("mkdir", "-p", str(Path(level).parent), cwd=out)
     as_nobody("sh", "-c", f"{plant}", "attacker", str(shared / "elsewhere"), level, cwd=out)
-    saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
-    errors, unsafe_before = write_errors(cause), unsafe(kind)
+    saver = Saver(str(out), PREFIX, metrics, Limits(flush_age_ns=S))
+    errors, unsafe_before = write_errors(metrics, cause), unsafe(metrics, kind)
     saver.write(3, T0, line(T0, 1))
     within(5, lambda: saver.flush_due(T0 + S))
 
     assert list((shared / "elsewhere").iterdir()) == []
-    assert write_errors(cause) == errors + 1 and unsafe(kind) == unsafe_before + 1
+    assert write_errors(metrics, cause) == errors + 1 and unsafe(metrics, kind) == unsafe_before + 1
     assert f"{out}/{level} is " in caplog.text and "where a directory should be" in caplog.text
     assert saver.buffered_bytes == len(line(T0, 1))   # kept in memory, retried every second
 
@@ -200,16 +199,15 @@ def test_a_link_or_fifo_where_a_directory_should_be_is_never_followed_and_the_re
 
 
 @pytest.mark.parametrize("replaced", [False, True])
-def test_when_an_old_day_directory_is_removed_or_replaced_the_connection_goes_on_today(
-        tmp_path, replaced):
+def test_when_an_old_day_directory_is_removed_or_replaced_the_connection_goes_on_today(tmp_path, replaced, metrics):
     out = tmp_path / "out"
-    saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
+    saver = Saver(str(out), PREFIX, metrics, Limits(flush_age_ns=S))
     saver.write(3, T0, line(T0, 1))
     saver.flush_due(T0 + S)
     (out / DAY).rename(tmp_path / "uploaded")
     if replaced:
         (out / DAY).symlink_to(tmp_path / "uploaded")
-    before = unsafe("symlink")
+    before = unsafe(metrics, "symlink")
     after_midnight = T0 + 400 * S
     saver.write(3, after_midnight, line(after_midnight, 2))
     saver.close(after_midnight + S)
@@ -217,12 +215,12 @@ def test_when_an_old_day_directory_is_removed_or_replaced_the_connection_goes_on
     assert files(out) == [f"2026/03/02/{UUID3}.00001.jsonl.zst"]   # the old day is not made again
     assert files(tmp_path / "uploaded") == [f"{UUID3}.00000.jsonl.zst"]
     assert numbers(tmp_path / "uploaded" / f"{UUID3}.00000.jsonl.zst") == [1]
-    assert unsafe("symlink") == before + replaced
+    assert unsafe(metrics, "symlink") == before + replaced
 
 
-def test_a_day_directory_moved_away_gets_no_new_files_after_a_second(tmp_path):
+def test_a_day_directory_moved_away_gets_no_new_files_after_a_second(tmp_path, metrics):
     out = tmp_path / "out"
-    saver = Saver(str(out), PREFIX, Limits(flush_age_ns=S))
+    saver = Saver(str(out), PREFIX, metrics, Limits(flush_age_ns=S))
     saver.write(3, T0, line(T0, 1))
     saver.flush_due(T0 + S)
     (out / "2026").rename(tmp_path / "moved")
@@ -233,12 +231,12 @@ def test_a_day_directory_moved_away_gets_no_new_files_after_a_second(tmp_path):
     assert files(out) == [f"{DAY}/{PREFIX}_0000000000000004.00000.jsonl.zst"]
 
 
-def test_descriptors_stay_a_few_for_thousands_of_connections_over_many_days(tmp_path):
+def test_descriptors_stay_a_few_for_thousands_of_connections_over_many_days(tmp_path, metrics):
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
     baseline = open_fds()
-    saver = Saver(str(tmp_path), PREFIX, Limits(flush_age_ns=S))
+    saver = Saver(str(tmp_path), PREFIX, metrics, Limits(flush_age_ns=S))
     peak = 0
     for cookie in range(1, 3001):
         ts = T0 + (cookie // 300) * 86_400 * S    # ten days, 300 connections each
@@ -254,11 +252,10 @@ def test_descriptors_stay_a_few_for_thousands_of_connections_over_many_days(tmp_
 @pytest.mark.parametrize("mask", [0o000, 0o022, 0o077], ids=["umask000", "umask022", "umask077"])
 @pytest.mark.parametrize("file_mode,dir_mode", [(None, 0o750), (0o644, 0o755), (0o600, 0o700)],
                          ids=["default", "0644", "0600"])
-def test_archives_and_directories_get_exactly_the_mode_whatever_the_umask(
-        tmp_path, mask, file_mode, dir_mode):
+def test_archives_and_directories_get_exactly_the_mode_whatever_the_umask(tmp_path, mask, file_mode, dir_mode, metrics):
     with umask(mask):
-        saver = (Saver(str(tmp_path), PREFIX) if file_mode is None
-                 else Saver(str(tmp_path), PREFIX, file_mode=file_mode))
+        saver = (Saver(str(tmp_path), PREFIX, metrics) if file_mode is None
+                 else Saver(str(tmp_path), PREFIX, metrics, file_mode=file_mode))
         saver.write(3, T0, line(T0, 1))
         saver.close(T0)
     (path,) = tmp_path.rglob("*.zst")

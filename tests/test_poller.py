@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from tcpinfo.netlink import CHANGE_NAMES, PREVIOUS_WAS_NIL, Poller
-from tcpinfo.sockfilter import Filter
-from topology import cookie_of
+from lab.netns import cookie_of
+from tcpinfo.collector.poller import CHANGE_NAMES, PREVIOUS_WAS_NIL, Poller
+from tcpinfo.collector.sockfilter import Filter
 
 TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT = 4, 5, 8
 

@@ -1,16 +1,14 @@
 """ArchivalRecord JSON lines: byte-exact re-encoding of upstream's archives, times, errors."""
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
-import zstandard
-from paths import ARCHIVES, TESTDATA
 
-from tcpinfo.archive import read_archive
-from tcpinfo.inetdiag import split_message
-from tcpinfo.record import (
+from helpers.netlink import raw_netlink_messages
+from helpers.paths import ARCHIVES, TESTDATA
+from tcpinfo.archive.reader import read_archive
+from tcpinfo.archive.record import (
     ZERO_TIME,
     ZERO_TIME_NS,
     decode_line,
@@ -19,18 +17,7 @@ from tcpinfo.record import (
     format_time,
     parse_time,
 )
-
-
-
-def raw_netlink_messages() -> list[bytes]:
-    """The 420 inet_diag payloads of mlab/testdata.zst (16-byte nlmsghdr stripped)."""
-    raw = zstandard.ZstdDecompressor().stream_reader(open(TESTDATA / "mlab" / "testdata.zst", "rb")).read()
-    messages, pos = [], 0
-    while pos < len(raw):
-        (length,) = struct.unpack_from("<I", raw, pos)
-        messages.append(raw[pos:pos + length])
-        pos += (length + 3) & ~3
-    return messages
+from tcpinfo.kernel.inetdiag import split_message
 
 
 def reencode(line: bytes) -> bytes:

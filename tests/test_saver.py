@@ -1,56 +1,22 @@
 """The saver on real files: whole zstd frames, rotation, no truncation, failures and memory caps."""
 from __future__ import annotations
 
-import calendar
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
-import zstandard
-from prometheus_client import REGISTRY
 
-from tcpinfo.record import decode_line, encode_record, parse_time
-from tcpinfo.saver import RETRY_NS, Limits, Saver
-
-PREFIX = "host_1700000000"
-S = 1_000_000_000
-T0 = calendar.timegm((2026, 3, 1, 23, 55, 0)) * S   # five minutes before midnight UTC
+from helpers.saver import PREFIX, T0, S, files, frames, line, numbers
+from tcpinfo.archive.record import decode_line, parse_time
+from tcpinfo.collector.saver import RETRY_NS, Limits, Saver
 
 
-def line(ts_ns: int, n: int, pad: bytes = b"") -> bytes:
-    """A record whose IDM carries `n`, so tests can tell records apart."""
-    return encode_record(ts_ns, n.to_bytes(72, "little"), [None, pad])
+def counter(metrics, name: str, reason: str) -> float:
+    return metrics.registry.get_sample_value(name, {"reason": reason}) or 0.0
 
 
-def frames(path: Path) -> list[bytes]:
-    """The decompressed content of each zstd frame of a file, checking every frame's checksum flag."""
-    data, out = path.read_bytes(), []
-    while data:
-        assert zstandard.get_frame_parameters(data).has_checksum
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        out.append(dobj.decompress(data))
-        data = dobj.unused_data
-    return out
-
-
-def numbers(path: Path) -> list[int]:
-    """The `n` of every record in a file (its header left out)."""
-    lines = b"".join(frames(path)).splitlines()
-    assert decode_line(lines[0]).metadata is not None
-    return [int.from_bytes(decode_line(x).raw_idm, "little") for x in lines[1:]]
-
-
-def files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*.zst"))
-
-
-def counter(name: str, reason: str) -> float:
-    return REGISTRY.get_sample_value(name, {"reason": reason}) or 0.0
-
-
-def test_each_flush_appends_one_complete_frame_that_zstd_decodes(tmp_path):
-    saver = Saver(str(tmp_path), PREFIX, Limits(flush_size=1000), {"PollInterval": "10ms"})
+def test_each_flush_appends_one_complete_frame_that_zstd_decodes(tmp_path, metrics):
+    saver = Saver(str(tmp_path), PREFIX, metrics, Limits(flush_size=1000), {"PollInterval": "10ms"})
     for n in range(30):
         saver.write(7, T0 + n, line(T0 + n, n))
     saver.close(T0 + S)
@@ -64,8 +30,8 @@ def test_each_flush_appends_one_complete_frame_that_zstd_decodes(tmp_path):
     subprocess.run(["zstd", "-t", "-q", str(path)], check=True)
 
 
-def test_nothing_is_written_before_the_flush_age_and_everything_after_it(tmp_path):
-    saver = Saver(str(tmp_path), PREFIX, Limits(flush_age_ns=5 * S))
+def test_nothing_is_written_before_the_flush_age_and_everything_after_it(tmp_path, metrics):
+    saver = Saver(str(tmp_path), PREFIX, metrics, Limits(flush_age_ns=5 * S))
     saver.write(1, T0, line(T0, 1))
     saver.write(2, T0 + 2 * S, line(T0 + 2 * S, 2))
     saver.flush_due(T0 + 4 * S)
@@ -76,8 +42,8 @@ def test_nothing_is_written_before_the_flush_age_and_everything_after_it(tmp_pat
     assert len(files(tmp_path)) == 2 and saver.buffered_bytes == 0
 
 
-def test_rotation_dates_the_next_file_by_rotation_time_and_an_idle_gap_gives_one_file(tmp_path):
-    saver = Saver(str(tmp_path), PREFIX, Limits(rotate_ns=600 * S))
+def test_rotation_dates_the_next_file_by_rotation_time_and_an_idle_gap_gives_one_file(tmp_path, metrics):
+    saver = Saver(str(tmp_path), PREFIX, metrics, Limits(rotate_ns=600 * S))
     minute = 60 * S
     times = [T0 + m * minute for m in range(12)]          # 23:55 .. 00:06, rotating at 00:05
     times += [T0 + m * minute for m in (130, 131, 132)]  # after two idle hours
@@ -95,13 +61,13 @@ def test_rotation_dates_the_next_file_by_rotation_time_and_an_idle_gap_gives_one
         assert header["Sequence"] == i and parse_time(header["StartTime"])[0] == T0
 
 
-def test_an_existing_file_is_never_truncated_the_next_free_sequence_is_used(tmp_path):
+def test_an_existing_file_is_never_truncated_the_next_free_sequence_is_used(tmp_path, metrics):
     uuid = f"{PREFIX}_0000000000000009"
     day = tmp_path / "2026/03/01"
     day.mkdir(parents=True)
     earlier = day / f"{uuid}.00000.jsonl.zst"
     earlier.write_bytes(b"written by an earlier run")
-    saver = Saver(str(tmp_path), PREFIX)
+    saver = Saver(str(tmp_path), PREFIX, metrics)
     saver.write(9, T0, line(T0, 1))
     saver.close(T0)
     assert earlier.read_bytes() == b"written by an earlier run"
@@ -109,8 +75,8 @@ def test_an_existing_file_is_never_truncated_the_next_free_sequence_is_used(tmp_
     assert header["Sequence"] == 1
 
 
-def test_a_file_taken_away_between_flushes_continues_in_a_new_file_with_a_header(tmp_path):
-    saver = Saver(str(tmp_path), PREFIX, Limits(flush_age_ns=S))
+def test_a_file_taken_away_between_flushes_continues_in_a_new_file_with_a_header(tmp_path, metrics):
+    saver = Saver(str(tmp_path), PREFIX, metrics, Limits(flush_age_ns=S))
     saver.write(3, T0, line(T0, 1))
     saver.flush_due(T0 + S)
     (first,) = tmp_path.rglob("*.zst")
@@ -121,24 +87,23 @@ def test_a_file_taken_away_between_flushes_continues_in_a_new_file_with_a_header
     assert second.name.endswith(".00001.jsonl.zst") and numbers(second) == [2]
 
 
-def test_failed_writes_are_retried_and_beyond_the_connection_limit_the_oldest_are_dropped(
-        tmp_path):
+def test_failed_writes_are_retried_and_beyond_the_connection_limit_the_oldest_are_dropped(tmp_path, metrics):
     root = tmp_path / "root"
     root.write_text("not a directory: every write fails")
-    saver = Saver(str(root), PREFIX, Limits(flush_size=1000, flush_age_ns=S, conn_limit=4000,
+    saver = Saver(str(root), PREFIX, metrics, Limits(flush_size=1000, flush_age_ns=S, conn_limit=4000,
                                             total_limit=10**6))
-    dropped_before = counter("tcpinfo_dropped_records_total", "connection limit")
-    errors_before = REGISTRY.get_sample_value("tcpinfo_write_errors_total",
+    dropped_before = counter(metrics, "tcpinfo_dropped_records_total", "connection limit")
+    errors_before = metrics.registry.get_sample_value("tcpinfo_write_errors_total",
                                               {"cause": "ENOTDIR"}) or 0
     size = len(line(T0, 0))
     for n in range(100):
         saver.write(5, T0 + n, line(T0, n))
     assert saver.buffered_bytes <= 4000
     kept = saver.buffered_bytes // size
-    assert counter("tcpinfo_dropped_records_total", "connection limit") - dropped_before == \
+    assert counter(metrics, "tcpinfo_dropped_records_total", "connection limit") - dropped_before == \
         100 - kept
     # One failure, then no attempt at all until the retry time.
-    assert REGISTRY.get_sample_value("tcpinfo_write_errors_total", {"cause": "ENOTDIR"}) == \
+    assert metrics.registry.get_sample_value("tcpinfo_write_errors_total", {"cause": "ENOTDIR"}) == \
         errors_before + 1
 
     root.unlink()
@@ -149,8 +114,8 @@ def test_failed_writes_are_retried_and_beyond_the_connection_limit_the_oldest_ar
     assert saver.buffered_bytes == 0
 
 
-def test_the_global_limit_writes_the_oldest_buffers_first(tmp_path):
-    saver = Saver(str(tmp_path), PREFIX, Limits(flush_size=10**5, conn_limit=10**5,
+def test_the_global_limit_writes_the_oldest_buffers_first(tmp_path, metrics):
+    saver = Saver(str(tmp_path), PREFIX, metrics, Limits(flush_size=10**5, conn_limit=10**5,
                                                 total_limit=10**5))
     size = len(line(T0, 0))
     count = 10**5 // size + 1
@@ -161,16 +126,16 @@ def test_the_global_limit_writes_the_oldest_buffers_first(tmp_path):
     assert written == set(range(1, len(written) + 1)) and written
 
 
-def test_the_global_limit_drops_the_oldest_records_while_writes_fail(tmp_path):
+def test_the_global_limit_drops_the_oldest_records_while_writes_fail(tmp_path, metrics):
     root = tmp_path / "root"
     root.write_text("every write fails")
-    saver = Saver(str(root), PREFIX, Limits(flush_size=10**4, conn_limit=10**4,
+    saver = Saver(str(root), PREFIX, metrics, Limits(flush_size=10**4, conn_limit=10**4,
                                             total_limit=10**4))
-    before = counter("tcpinfo_dropped_records_total", "buffer limit")
+    before = counter(metrics, "tcpinfo_dropped_records_total", "buffer limit")
     for cookie in range(200):
         saver.write(cookie, T0, line(T0, cookie))
     assert saver.buffered_bytes <= 10**4
-    assert counter("tcpinfo_dropped_records_total", "buffer limit") - before == \
+    assert counter(metrics, "tcpinfo_dropped_records_total", "buffer limit") - before == \
         200 - saver.buffered_bytes // len(line(T0, 0))
 
 
@@ -183,13 +148,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_partial_write_on_a_full_disk_is_cut_back_so_every_file_stays_whole_frames(
-        small_disk):
-    saver = Saver(str(small_disk), PREFIX, Limits(flush_size=20_000, conn_limit=10**6,
+def test_a_partial_write_on_a_full_disk_is_cut_back_so_every_file_stays_whole_frames(small_disk, metrics):
+    saver = Saver(str(small_disk), PREFIX, metrics, Limits(flush_size=20_000, conn_limit=10**6,
                                                   total_limit=10**7))
-    before = REGISTRY.get_sample_value("tcpinfo_write_errors_total", {"cause": "ENOSPC"}) or 0
+    before = metrics.registry.get_sample_value("tcpinfo_write_errors_total", {"cause": "ENOSPC"}) or 0
     ts = T0
-    while REGISTRY.get_sample_value("tcpinfo_write_errors_total", {"cause": "ENOSPC"}) in \
+    while metrics.registry.get_sample_value("tcpinfo_write_errors_total", {"cause": "ENOSPC"}) in \
             (None, before):
         ts += RETRY_NS   # past the retry time, so every flush is attempted
         for cookie in (1, 2, 3):

@@ -18,8 +18,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon_helpers import CLIENT, archives, metric, read_archive, scrape, wait_until
-from tcpinfo.netlink import PREVIOUS_WAS_NIL, SHORT, Poller
+from helpers.daemon import CLIENT, archives, metric, read_archive, scrape, wait_until
+from tcpinfo.collector.poller import PREVIOUS_WAS_NIL, SHORT, Poller
 
 FIN_WAIT2, TCP_CLOSE = 5, 7
 FLOWS = 20

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon_helpers import PREFIX, archives, read_archive, wait_until
-from tcpinfo.stopsignals import STOP_SIGNALS
+from helpers.daemon import PREFIX, archives, read_archive, wait_until
+from tcpinfo.collector.stopsignals import STOP_SIGNALS
 
 CONNECTIONS = 40
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import orjson
 import pytest
-from paths import ARCHIVES
-from test_csvtool import expected_csv
 
-from tcpinfo.archive import read_archive
-from tcpinfo.csvtool import convert_file
-from tcpinfo.inetdiag import INET_DIAG_CONG, MAX_ATTR_TYPE
-from tcpinfo.record import ZERO_TIME, ZERO_TIME_NS, format_time
-from tcpinfo.upstream_csv import GROUPS, UpstreamConverter
+from helpers.csvtool import expected_csv
+from helpers.paths import ARCHIVES
+from tcpinfo.archive.reader import read_archive
+from tcpinfo.archive.record import ZERO_TIME, ZERO_TIME_NS, format_time
+from tcpinfo.csvtool.convert import convert_file
+from tcpinfo.csvtool.upstream import GROUPS, UpstreamConverter
+from tcpinfo.kernel.inetdiag import INET_DIAG_CONG, MAX_ATTR_TYPE
 
 
 def line(ts: str, idm: bytes, attrs: list[bytes | None] | None) -> bytes:
@@ -93,8 +93,8 @@ def _idm(rng: random.Random) -> bytes:
     return (head + rng.randbytes(8))[:size]
 
 
-_CONG_NAMES = [b"cubic\0", b"bbr\0", b"cubic\0", b"bbr\0", b"x", b"\0", b"", b"a,b\0", b'q"\0', b" sp\0", b"\\.\0", b"r\xc3\xa9no\0",
-               b"dctcp", b"nul\0in\0"]
+_CONG_NAMES = [b"cubic\0", b"bbr\0", b"cubic\0", b"bbr\0", b"x", b"\0", b"", b"a,b\0", b'q"\0', b" sp\0",
+               b"\\.\0", b"r\xc3\xa9no\0", b"dctcp", b"nul\0in\0"]
 
 
 def _value(rng: random.Random, attr_type: int) -> bytes:

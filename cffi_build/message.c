@@ -1,0 +1,177 @@
+/*
+ * message.c - one inet_diag message: its attributes in upstream's slots, and
+ * upstream's Compare of two messages of one socket (UPSTREAM.md 3.3).
+ */
+#define _GNU_SOURCE
+#define TCPINFO_CORE_INTERNAL
+#include "tcpinfo_core.h"
+
+#include <linux/tcp.h>
+
+/* The tcp_info bytes upstream's Compare reads: those before the last_* timers, and
+ * those from pmtu up to busy_time (UPSTREAM.md 3.3). */
+#define COUNTERS_END offsetof(struct tcp_info, tcpi_last_data_sent)
+#define STATE_FROM offsetof(struct tcp_info, tcpi_pmtu)
+#define STATE_END offsetof(struct tcp_info, tcpi_busy_time)
+
+/* Splits the bytes after the inet_diag_msg into slots as upstream does: the last
+ * duplicate wins, types above 38 are dropped.  Returns -1 on a malformed rtattr
+ * (upstream's EINVAL: the whole record is rejected). */
+int parse_attrs(const uint8_t *p, uint32_t n, struct attrs *a)
+{
+    uint32_t pos = IDM_LEN, maxtype = 0;
+    memset(a->present, 0, sizeof(a->present));
+    while (pos < n && n - pos >= 4) {
+        uint16_t rlen, rtype;
+        memcpy(&rlen, p + pos, 2);
+        memcpy(&rtype, p + pos + 2, 2);
+        if (rlen < 4 || rlen > n - pos)
+            return -1;
+        if (rtype > maxtype)
+            maxtype = rtype;
+        if (rtype <= MAX_SLOT) {
+            a->present[rtype] = 1;
+            a->off[rtype] = (uint16_t)(pos + 4);
+            a->len[rtype] = (uint16_t)(rlen - 4);
+        }
+        pos += (rlen + 3u) & ~3u;
+    }
+    a->nslots = (int)(maxtype > MAX_SLOT ? MAX_SLOT : maxtype) + 1;
+    return 0;
+}
+
+/* Compares INFO bytes [from, to) with both sides zero-padded, as upstream's
+ * comparison of short (old-kernel) tcp_info behaves on modern kernels. */
+static int info_range_differs(const uint8_t *a, uint32_t alen, const uint8_t *b,
+                              uint32_t blen, uint32_t from, uint32_t to)
+{
+    for (uint32_t i = from; i < to; i++) {
+        uint8_t x = i < alen ? a[i] : 0, y = i < blen ? b[i] : 0;
+        if (x != y)
+            return 1;
+    }
+    return 0;
+}
+
+static int range_differs(const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t blen,
+                         uint32_t from, uint32_t to)
+{
+    if (alen >= to && blen >= to)
+        return memcmp(a + from, b + from, to - from) != 0;
+    return info_range_differs(a, alen, b, blen, from, to);
+}
+
+/* Upstream's Compare(current, previous), with one fix: a socket that had no
+ * tcp_info last poll and still has none (a FIN_WAIT2 time-wait socket) is not a
+ * change, so the loss of tcp_info is recorded once instead of on every poll. */
+static uint8_t compare(const uint8_t *cur, uint32_t clen, const struct attrs *ca,
+                       const uint8_t *prev, uint32_t plen, const struct attrs *pa)
+{
+    if (idm_state(cur) != idm_state(prev))
+        return TCPI_STATE_CHANGE;
+    int c_info = ca->nslots > INET_DIAG_INFO && ca->present[INET_DIAG_INFO];
+    int p_info = pa->nslots > INET_DIAG_INFO && pa->present[INET_DIAG_INFO];
+    if (c_info != p_info)
+        return TCPI_NO_TCPINFO;
+    if (c_info) {
+        const uint8_t *ci = cur + ca->off[INET_DIAG_INFO], *pi = prev + pa->off[INET_DIAG_INFO];
+        uint32_t cl = ca->len[INET_DIAG_INFO], pl = pa->len[INET_DIAG_INFO];
+        if (range_differs(ci, cl, pi, pl, STATE_FROM, STATE_END) ||
+            range_differs(ci, cl, pi, pl, 0, COUNTERS_END))
+            return TCPI_STATE_OR_COUNTER;
+    }
+    if (pa->nslots < ca->nslots)
+        return TCPI_NEW_ATTRIBUTE;
+    if (pa->nslots > ca->nslots)
+        return TCPI_LOST_ATTRIBUTE;
+    for (int t = 0; t < ca->nslots; t++) {
+        if (t == INET_DIAG_INFO)
+            continue;
+        if (!pa->present[t] && ca->present[t])
+            return TCPI_NEW_ATTRIBUTE;
+        if (pa->present[t] && !ca->present[t])
+            return TCPI_LOST_ATTRIBUTE;
+        if (!ca->present[t])
+            continue;
+        if (pa->len[t] != ca->len[t])
+            return TCPI_ATTRIBUTE_LENGTH;
+        if (memcmp(cur + ca->off[t], prev + pa->off[t], ca->len[t]) != 0)
+            return TCPI_OTHER;
+    }
+    return TCPI_NO_CHANGE;
+}
+
+/* The common case of an idle socket: same length and the same attribute headers
+ * at the same offsets as last poll.  Compare then reduces to one walk over both
+ * copies: state, the two tcp_info ranges, and every other attribute's bytes.
+ * Returns 0 (take the general path) when the layouts differ or anything is odd. */
+static int compare_same_layout(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen,
+                               uint8_t *kind)
+{
+    if (n != plen)
+        return 0;
+    int counters = 0, other = 0;
+    uint32_t pos = IDM_LEN;
+    while (pos < n && n - pos >= 4) {
+        uint16_t rlen, rtype;
+        if (memcmp(cur + pos, prev + pos, 4) != 0)
+            return 0;
+        memcpy(&rlen, cur + pos, 2);
+        memcpy(&rtype, cur + pos + 2, 2);
+        if (rlen < 4 || rlen > n - pos || rtype > MAX_SLOT)
+            return 0;
+        const uint8_t *cv = cur + pos + 4, *pv = prev + pos + 4;
+        uint32_t vlen = rlen - 4u;
+        if (rtype == INET_DIAG_INFO)
+            counters |= range_differs(cv, vlen, pv, vlen, STATE_FROM, STATE_END) ||
+                        range_differs(cv, vlen, pv, vlen, 0, COUNTERS_END);
+        else if (!other)
+            other = memcmp(cv, pv, vlen) != 0;
+        pos += (rlen + 3u) & ~3u;
+    }
+    *kind = idm_state(cur) != idm_state(prev) ? TCPI_STATE_CHANGE
+          : counters ? TCPI_STATE_OR_COUNTER
+          : other ? TCPI_OTHER : TCPI_NO_CHANGE;
+    return 1;
+}
+
+/* Upstream's Compare of a message with the previous one of the same socket (the
+ * stored copy is known to be well formed).  Returns -1 if cur is malformed. */
+int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen, uint8_t *kind)
+{
+    struct attrs ca, pa;
+    if (compare_same_layout(cur, n, prev, plen, kind))
+        return 0;
+    if (parse_attrs(cur, n, &ca) < 0 || parse_attrs(prev, plen, &pa) < 0)
+        return -1;
+    *kind = compare(cur, n, &ca, prev, plen, &pa);
+    return 0;
+}
+
+int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen)
+{
+    uint8_t kind;
+    if (n < IDM_LEN || plen < IDM_LEN || diff(cur, n, prev, plen, &kind) < 0)
+        return -1;
+    return kind;
+}
+
+void tcpi_layout(struct tcpi_layout *out)
+{
+    out->idm_len = IDM_LEN;
+    out->idm_family = IDM_AT(idiag_family);
+    out->idm_state = IDM_AT(idiag_state);
+    out->idm_timer = IDM_AT(idiag_timer);
+    out->idm_sport = IDM_AT(id.idiag_sport);
+    out->idm_dport = IDM_AT(id.idiag_dport);
+    out->idm_src = IDM_AT(id.idiag_src);
+    out->idm_dst = IDM_AT(id.idiag_dst);
+    out->idm_if = IDM_AT(id.idiag_if);
+    out->idm_cookie = IDM_AT(id.idiag_cookie);
+    out->max_slot = MAX_SLOT;
+    out->info_type = INET_DIAG_INFO;
+    out->compared[0] = 0;
+    out->compared[1] = COUNTERS_END;
+    out->compared[2] = STATE_FROM;
+    out->compared[3] = STATE_END;
+}

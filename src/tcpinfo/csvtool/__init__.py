@@ -1,0 +1,1 @@
+"""csvtool: archives to CSV, byte-identical to upstream's by default, or in a modern schema."""

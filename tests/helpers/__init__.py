@@ -1,0 +1,1 @@
+"""What several test modules share: paths, the daemon, csvtool runs, saver files, messages."""
