@@ -8,12 +8,6 @@
 
 #include <stdlib.h>
 
-uint32_t table_slot(const struct table *t, uint64_t cookie)
-{
-    /* Fibonacci hashing spreads the kernel's sequential cookies. */
-    return (uint32_t)((cookie * 0x9E3779B97F4A7C15ull) >> 32) & (t->cap - 1);
-}
-
 int table_grow(struct table *t)
 {
     uint32_t old_cap = t->cap, ncap = old_cap ? old_cap * 2 : 1024;
@@ -32,15 +26,6 @@ int table_grow(struct table *t)
     }
     free(old);
     return 0;
-}
-
-/* Finds the cookie's entry, or the empty slot where it belongs (used == 0). */
-struct entry *table_find(struct table *t, uint64_t cookie)
-{
-    uint32_t j = table_slot(t, cookie);
-    while (t->slots[j].used && t->slots[j].cookie != cookie)
-        j = (j + 1) & (t->cap - 1);
-    return &t->slots[j];
 }
 
 /* Linear-probing delete with backward shift, so no tombstones accumulate. */

@@ -531,10 +531,25 @@ struct tcpi_core {
     struct tcpi_poll_result result;
 };
 
+
+/* The two table look-ups every socket of every poll makes, inline (table.c has the rest). */
+static inline uint32_t table_slot(const struct table *t, uint64_t cookie)
+{
+    /* Fibonacci hashing spreads the kernel's sequential cookies. */
+    return (uint32_t)((cookie * 0x9E3779B97F4A7C15ull) >> 32) & (t->cap - 1);
+}
+
+/* Finds the cookie's entry, or the empty slot where it belongs (used == 0). */
+static inline struct entry *table_find(struct table *t, uint64_t cookie)
+{
+    uint32_t j = table_slot(t, cookie);
+    while (t->slots[j].used && t->slots[j].cookie != cookie)
+        j = (j + 1) & (t->cap - 1);
+    return &t->slots[j];
+}
+
 /* table.c: the snapshot table and the result being built */
-INTERNAL uint32_t table_slot(const struct table *t, uint64_t cookie);
 INTERNAL int table_grow(struct table *t);
-INTERNAL struct entry *table_find(struct table *t, uint64_t cookie);
 INTERNAL struct entry *table_get(struct table *t, uint64_t cookie, int *created);
 INTERNAL void table_delete_at(struct table *t, uint32_t i);
 INTERNAL int entry_store(struct entry *e, const uint8_t *p, uint32_t n);

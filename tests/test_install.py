@@ -59,6 +59,12 @@ def test_the_wheel_is_tagged_abi3_like_the_limited_api_module_it_carries(wheel):
     assert f"Tag: cp311-abi3-{platform}" in wheel.read(f"{info}/WHEEL").decode().splitlines()
 
 
+def test_the_wheel_carries_the_package_alone_no_benchmarks_or_test_hosts(wheel):
+    tops = {n.split("/")[0] for n in wheel.namelist()}
+    assert tops == {"tcpinfo", f"tcpinfo-{tcpinfo.__version__}.dist-info"}
+    assert not [n for n in wheel.namelist() if "bench" in n or n.endswith("netns.py")]
+
+
 def test_the_wheel_declares_apache_2_and_carries_the_licence_text(wheel):
     info = f"tcpinfo-{tcpinfo.__version__}.dist-info"
     metadata = wheel.read(f"{info}/METADATA").decode().split("\n\n")[0].splitlines()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from tcpinfo.kernel.tcp import TCP_INFO, Layout
+from tcpinfo.kernel.tcp import TCP_INFO, Layout, pad
 
 IDM_LEN = 72
 """sizeof(struct inet_diag_msg)."""
@@ -36,7 +36,7 @@ def idm_struct(*names: str, order: str | None = None) -> struct.Struct:
         raise ValueError(f"not distinct header fields of one byte order: {names}")
     fmt, pos = order or fields[0][3], 0
     for _, offset, code, _ in fields:
-        fmt += "x" * (offset - pos) + code
+        fmt += pad(offset - pos) + code
         pos = offset + struct.calcsize(code)
     return struct.Struct(fmt)
 

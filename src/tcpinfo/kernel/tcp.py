@@ -65,12 +65,17 @@ def _parse_fields(rows: str) -> tuple[Field, ...]:
     return tuple(out)
 
 
+def pad(n: int) -> str:
+    """n pad bytes as one struct code ("44x", not 44 "x"s, which unpack would step through one by one)."""
+    return f"{n}x" if n else ""
+
+
 def struct_for(fields: tuple[Field, ...], attr: str = "fmt", start: int = 0) -> struct.Struct:
     """A little-endian Struct reading ``fields`` (sorted by offset, none before ``start``) with
     explicit padding, to be used with ``unpack_from(buf, start)``."""
     fmt, pos = "<", start
     for f in fields:
-        fmt += "x" * (f.offset - pos) + getattr(f, attr)
+        fmt += pad(f.offset - pos) + getattr(f, attr)
         pos = f.offset + struct.calcsize(f.fmt)
     return struct.Struct(fmt)
 
