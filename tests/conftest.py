@@ -1,8 +1,8 @@
 """Shared fixtures: real network namespaces for the tests that need sockets, metrics registries.
 
-A test that builds namespaces (through the fixtures below, or marked `netns`) needs root; without
-root it is skipped with that reason, and every other test still runs.  CI runs as root, so there
-nothing is skipped.
+A test that needs root (namespaces, mounts, another user: through the fixtures named in
+ROOT_FIXTURES, or marked `root`) is skipped without root, with that reason, and every other test
+still runs.  CI runs as root, so there nothing is skipped.
 """
 import os
 
@@ -13,16 +13,17 @@ from helpers.daemon import Daemon
 from lab.netns import Topology
 from tcpinfo.collector.metrics import Metrics
 
-NAMESPACE_FIXTURES = {"testnet", "shaped_testnet", "daemons"}
+ROOT_FIXTURES = {"testnet", "shaped_testnet", "daemons", "shared", "small_disk"}
+"""Fixtures that build network namespaces, mount a file system or act as another user."""
 
 
 def pytest_collection_modifyitems(config, items):
     root = os.geteuid() == 0
-    skip = pytest.mark.skip(reason="builds network namespaces: run the tests as root")
+    skip = pytest.mark.skip(reason="needs root (namespaces, mounts or another user)")
     for item in items:
-        if NAMESPACE_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.netns)
-        if not root and item.get_closest_marker("netns"):
+        if ROOT_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.root)
+        if not root and item.get_closest_marker("root"):
             item.add_marker(skip)
 
 

@@ -37,8 +37,8 @@ def test_ruff_finds_nothing_in_the_package_the_lab_or_the_tests():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def test_mypy_finds_no_type_error_in_the_package():
-    proc = run_tool("mypy", "--no-incremental")
+def test_mypy_finds_no_type_error_in_the_package(tmp_path):
+    proc = run_tool("mypy", "--no-incremental", "--cache-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 

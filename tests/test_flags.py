@@ -4,6 +4,7 @@ import subprocess
 
 import pytest
 
+from helpers.paths import script
 from tcpinfo.base import goflag
 from tcpinfo.collector import flags
 from tcpinfo.collector.flags import FlagError, HelpRequested, parse
@@ -206,19 +207,19 @@ def test_help_is_requested_by_h_and_lists_every_flag_with_its_variable():
 @pytest.mark.parametrize("argv,env", [(["-reps=x"], {}), ([], {"ANONYMIZE_IP": "bogus"}),
                                       (["-undefined"], {})])
 def test_the_daemon_exits_2_with_a_one_line_message(argv, env):
-    proc = subprocess.run(["tcp-info", *argv], capture_output=True, text=True, timeout=30,
+    proc = subprocess.run([script("tcp-info"), *argv], capture_output=True, text=True, timeout=30,
                           env={**os.environ, **env})
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "tcp-info: " in proc.stderr
 
 
 def test_the_daemon_prints_usage_and_exits_0_for_help():
-    proc = subprocess.run(["tcp-info", "-help"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([script("tcp-info"), "-help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stderr.startswith("Usage of tcp-info:")
 
 
 def run_daemon(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["tcp-info", "-prometheusx.listen-address=", "-reps=1", *argv],
+    return subprocess.run([script("tcp-info"), "-prometheusx.listen-address=", "-reps=1", *argv],
                           capture_output=True, text=True, timeout=30,
                           env={**os.environ, **(env or {})})
 
