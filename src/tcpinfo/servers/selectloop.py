@@ -134,11 +134,16 @@ class Loop:
             self._thread.join(timeout)
 
     def _woken(self, _events: int) -> None:
-        self._wake_pending = False
+        # Drain first, then clear the flag: cleared first, a wake() in between would set it and
+        # send a byte that this recv swallows, leaving the flag set with nothing in the pipe, and
+        # every later wake() would return at once: the loop would never wake again (seen as a
+        # close() that hung and events that stopped, under load).  Cleared after, a wake() in
+        # between is covered by on_wake below, which runs after it and sees what it announced.
         try:
             self._wake_r.recv(4096)   # one call: each system call may cost a wait for the GIL
         except BlockingIOError:
             pass
+        self._wake_pending = False
         if self._on_wake is not None:
             self._on_wake()
 
