@@ -18,13 +18,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import platform
-import socket
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import tcpinfo
 from tcpinfo import httpserver
+from tcpinfo.inetdiag import FAMILY_LABELS
 
 # Go's client exposes no `*_created` series; keep the exposition the same shape.
 prometheus_client.disable_created_metrics()
@@ -65,7 +65,7 @@ _RATE_BUCKETS = [
 ]
 
 # Label values of the `af` label, as upstream writes them.
-AF_LABELS = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+AF_LABELS = FAMILY_LABELS
 # Reasons a family's dump fails (DUMP_ERRORS); the first three are upstream's ERRORS types.
 UPSTREAM_DUMP_ERRORS = ("wrong seq num", "wrong pid", "NLMSG_ERROR")
 DUMP_ERROR_REASONS = ("syscall", *UPSTREAM_DUMP_ERRORS, "truncated", "out of memory",
