@@ -164,6 +164,7 @@ class Aggregator(Collector):
 
     def _sample(self, cookie: int, conn: list | None, payload: bytes, ts: int) -> None:
         try:
+            off, length = attribute_span(payload, INET_DIAG_INFO)   # checks the rtattrs before it
             if conn is None:
                 if IDM_HOST.unpack_from(payload)[1] == LISTEN:
                     return                      # a listener is not a connection
@@ -171,7 +172,6 @@ class Aggregator(Collector):
                 with self._lock:
                     self._open[cookie] = conn
                     conn[1].open += 1
-            off, length = attribute_span(payload, INET_DIAG_INFO)
         except (ValueError, struct.error) as err:   # struct.error: shorter than its header
             self._skip("malformed", err)
             return
