@@ -115,8 +115,8 @@ class RemoteWriteConfig:
             raise ValueError("-remote-write.max-age must be at least -remote-write.interval")
         if not 0 < self.timeout_ns <= 60 * SECOND:
             raise ValueError("-remote-write.timeout must be positive and at most 1m")
-        if self.buffer_bytes < 64 << 10:
-            raise ValueError("-remote-write.buffer must be at least 64KiB")
+        if self.buffer_bytes < 4 << 10:
+            raise ValueError("-remote-write.buffer must be at least 4KiB")
 
 
 FLAGS: tuple[tuple[str, str, str, str, str], ...] = (
@@ -131,7 +131,8 @@ FLAGS: tuple[tuple[str, str, str, str, str], ...] = (
      "job label of every pushed series (default tcp-info)."),
     ("remote-write.buffer", "remote_write_buffer", "size", "value",
      "Most compressed bytes held while the endpoint does not accept them; the oldest batches "
-     "beyond it are dropped and counted (default 64MiB)."),
+     "beyond it are dropped and counted; the newest batch is kept whatever its size "
+     "(default 64MiB)."),
     ("remote-write.max-age", "remote_write_max_age_ns", "duration", "value",
      "Batches older than this are dropped and counted instead of sent (default 1h)."),
     ("remote-write.timeout", "remote_write_timeout_ns", "duration", "value",
