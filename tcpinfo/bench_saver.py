@@ -15,6 +15,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 
 from tcpinfo.anonymize import Netblock
 from tcpinfo.inetdiag import IDM_LEN
@@ -55,10 +56,13 @@ def _payload(cookie: int, step: int) -> bytes:
     return bytes(out)
 
 
-def run(n_records: int, anonymize: bool = False, directory: str | None = None) -> dict:
+def run(n_records: int, anonymize: bool = False, directory: str | None = None,
+        observe: Callable[[int, bytes, int], None] | None = None) -> dict:
     """Pushes n_records changed records through encode (C) and the saver; returns the rates.
 
-    `directory` is where the temporary archive tree goes (default: /dev/shm, else the temp dir).
+    `directory` is where the temporary archive tree goes (default: /dev/shm, else the temp dir);
+    `observe(cookie, payload, ts)`, if given, is also called per record, as the collector would
+    call the health aggregates.
     """
     payloads = [[_payload(0x60000 + c, s) for s in range(VARIANTS)] for c in range(CONNECTIONS)]
     cookies = [0x60000 + c for c in range(CONNECTIONS)]
@@ -79,6 +83,8 @@ def run(n_records: int, anonymize: bool = False, directory: str | None = None) -
                 payload = variants[variant]   # the collector's per-record work, exactly
                 idm = payload if anonymizer is None else anonymizer(payload[:IDM_LEN])
                 saver.write(cookie, ts, encode_message(ts, idm, payload)[0])
+                if observe is not None:
+                    observe(cookie, payload, ts)
                 done += 1
                 if done == n_records:
                     break

@@ -25,13 +25,16 @@ def uuid_of(cookie: int) -> str:
     return f"{PREFIX}_{cookie:016X}"
 
 
-def feed(poller: Poller, agg: Aggregator, drain: bool = False) -> list:
-    """One poll (or destroy drain) handed to the aggregator as the collector does: every
-    changed snapshot, then every connection the kernel destroyed or the dump lost.  Returns the
-    payloads of the changed snapshots, for the test's own decoding."""
-    result = poller.drain() if drain else poller.poll()
-    for payload, cookie, _family, _kind, ts in result.changes:
-        agg.observe_snapshot(cookie, payload, ts)
+def feed(poller: Poller, agg: Aggregator, batch: bool = False) -> list:
+    """One poll handed to the aggregator as the collector does: every changed snapshot (one
+    observe_snapshot each, or the whole list to observe_changes), then every connection the
+    kernel destroyed or the dump lost.  Returns the changes, for the test's own decoding."""
+    result = poller.poll()
+    if batch:
+        agg.observe_changes(result.changes)
+    else:
+        for payload, cookie, _family, _kind, ts in result.changes:
+            agg.observe_snapshot(cookie, payload, ts)
     for payload, cookie, _family, _kind, ts in result.destroyed:
         agg.observe_close(cookie, payload, ts)
     for payload, cookie, *_ in result.vanished:

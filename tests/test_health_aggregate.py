@@ -166,6 +166,7 @@ def test_shaped_transfer_histograms_and_gauges_hold_the_kernels_values(shaped_te
 
 
 def test_snapshots_are_sampled_at_most_once_per_interval_per_connection(shaped_testnet):
+    """Through observe_changes, the batch form of observe_snapshot."""
     topo = shaped_testnet
     registry = CollectorRegistry()
     interval = NS // 2
@@ -179,7 +180,7 @@ def test_snapshots_are_sampled_at_most_once_per_interval_per_connection(shaped_t
                 sent += server.send(b"s" * min(65536, TRANSFER - sent))
             except BlockingIOError:
                 pass
-        for change in feed(poller, agg):
+        for change in feed(poller, agg, batch=True):
             if change.cookie == cookie:
                 fed += 1
                 if info_of(change.payload)["rtt"] and (

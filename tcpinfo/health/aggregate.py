@@ -30,7 +30,7 @@ import logging
 import struct
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
                                     Metric)
@@ -134,8 +134,13 @@ class Aggregator(Collector):
         self._interval = config.sample_interval_ns
         self._label_names = list(config.labels)
         self._bounds = [config.buckets(quantity) for _, _, quantity in HISTOGRAMS]
+        self._sizes = [len(b) for b in self._bounds]
+        self._values = [{"family": self._family, "service": self._service, "port": self._port,
+                         "remote": self._remote, "cc": self._cc}[label]
+                        for label in config.labels]   # label value from the first message
         self._le = [[floatToGoString(b) for b in bounds] + ["+Inf"] for bounds in self._bounds]
-        self._cidrs = [ipaddress.ip_network(c) for c in config.remote_cidrs]
+        self._cidrs = [(net.version, int(net.netmask), int(net.network_address), str(net))
+                       for net in map(ipaddress.ip_network, config.remote_cidrs)]
         self._prefix_text: dict[tuple[int, int], str] = {}
         self._open: dict[int, list] = {}   # cookie -> [last sample ns, group, first ns, rtt s]
         self._groups: dict[tuple[str, ...], _Group] = {}
@@ -161,6 +166,15 @@ class Aggregator(Collector):
         if conn is not None and 0 <= timestamp_ns - conn[0] < self._interval:
             return
         self._sample(cookie, conn, payload, timestamp_ns)
+
+    def observe_changes(self, changes: Iterable[tuple[bytes, int, int, int, int]]) -> None:
+        """observe_snapshot for each (payload, cookie, family, kind, timestamp_ns), the shape of
+        the poller's PollResult.changes: the same work without a call per skipped snapshot."""
+        get, interval = self._open.get, self._interval
+        for payload, cookie, _family, _kind, ts in changes:
+            conn = get(cookie)
+            if conn is None or not 0 <= ts - conn[0] < interval:
+                self._sample(cookie, conn, payload, ts)
 
     def _sample(self, cookie: int, conn: list | None, payload: bytes, ts: int) -> None:
         try:
@@ -252,39 +266,37 @@ class Aggregator(Collector):
 
     def _group_of(self, payload: bytes, now_ns: int) -> _Group:
         """The group of a connection's first message, made if there is room, else ``other``."""
-        key = tuple(self._label_values(payload))
-        group = self._groups.get(key)
-        if group is not None:
-            return group
-        sizes = [len(b) for b in self._bounds]
-        with self._lock:
-            if len(self._groups) < self._config.max_groups:
-                group = self._groups[key] = _Group(key, sizes, now_ns)
-                return group
-            self._overflow += 1
-            if self._other is None:
-                self._other = _Group((OTHER,) * len(key), sizes, now_ns)
-            return self._other
-
-    def _label_values(self, payload: bytes) -> Iterator[str]:
         family = IDM_HOST.unpack_from(payload)[0]
         sport, dport, _src, dst, _if = IDM_NET.unpack_from(payload)
         if family == AF_INET6 and dst[:12] == V4_MAPPED_PREFIX:
             family, dst = AF_INET, dst[12:]
-        for label in self._label_names:
-            if label == "family":
-                yield FAMILY_LABELS.get(family, str(family))
-            elif label == "service":
-                yield self._service(sport, dport)
-            elif label == "port":
-                yield str(sport)
-            elif label == "remote":
-                yield self._remote(family, dst)
-            else:
-                off, length = attribute_span(payload, INET_DIAG_CONG)
-                yield congestion_name(payload[off:off + length]) if off >= 0 else UNKNOWN
+        key = tuple([value(family, sport, dport, dst, payload) for value in self._values])
+        group = self._groups.get(key)
+        if group is not None:
+            return group
+        with self._lock:
+            if len(self._groups) < self._config.max_groups:
+                group = self._groups[key] = _Group(key, self._sizes, now_ns)
+                return group
+            self._overflow += 1
+            if self._other is None:
+                self._other = _Group((OTHER,) * len(key), self._sizes, now_ns)
+            return self._other
 
-    def _service(self, sport: int, dport: int) -> str:
+    @staticmethod
+    def _family(family: int, _sport: int, _dport: int, _dst: bytes, _payload: bytes) -> str:
+        return FAMILY_LABELS.get(family, str(family))
+
+    @staticmethod
+    def _port(_family: int, sport: int, _dport: int, _dst: bytes, _payload: bytes) -> str:
+        return str(sport)
+
+    @staticmethod
+    def _cc(_family: int, _sport: int, _dport: int, _dst: bytes, payload: bytes) -> str:
+        off, length = attribute_span(payload, INET_DIAG_CONG)
+        return congestion_name(payload[off:off + length]) if off >= 0 else UNKNOWN
+
+    def _service(self, _family: int, sport: int, dport: int, _dst: bytes, _payload: bytes) -> str:
         services = self._config.services
         for port in (sport, dport):
             for service in services:
@@ -292,15 +304,14 @@ class Aggregator(Collector):
                     return service.name
         return UNLISTED
 
-    def _remote(self, family: int, dst: bytes) -> str:
+    def _remote(self, family: int, _sport: int, _dport: int, dst: bytes, _payload: bytes) -> str:
         size = 4 if family == AF_INET else 16
         address = int.from_bytes(dst[:size], "big")
         version = 4 if size == 4 else 6
         if self._cidrs:
-            for net in self._cidrs:
-                if net.version == version and \
-                        address & int(net.netmask) == int(net.network_address):
-                    return str(net)
+            for net_version, mask, network, text in self._cidrs:
+                if net_version == version and address & mask == network:
+                    return text
             return UNLISTED
         bits = self._config.remote_prefix[0 if version == 4 else 1]
         masked = address >> (size * 8 - bits) << (size * 8 - bits)
