@@ -242,22 +242,32 @@ def test_pushed_health_series_read_back_with_sorted_labels_then_go_stale(prom, t
                                                                 "too_old", "shutdown"))
 
 
-def test_a_receiver_answering_503_for_a_while_loses_nothing_that_fits_the_buffer(prom):
-    source, pushes = CollectorRegistry(), Pushes()
+def push_through_outage(prom: Prometheus, instance: str, seconds: float, pushes: Pushes,
+                        **settings) -> tuple[RemoteWriter, Proxy, list[int], list[int]]:
+    """Pushes every second while the receiver answers 503 for ``seconds``, then until the
+    latest collection has arrived (so the backlog has drained), then stops the writer.
+    Returns the writer, the proxy, the collections that arrived and those lost."""
+    source = CollectorRegistry()
     source.register(pushes)
-    outage_until = time.monotonic() + 4
+    outage_until = time.monotonic() + seconds
     proxy = Proxy(prom.write_url, lambda n: 503 if time.monotonic() < outage_until else None)
-    writer = writer_for(proxy.url, "outage-test", source)
+    writer = writer_for(proxy.url, instance, source, **settings)
     writer.start()
     try:
-        time.sleep(4.5)
-        assert collections(prom, "outage-test") == []
-        wait_for(lambda: len(collections(prom, "outage-test")) >= pushes.count >= 6,
-                 what="the backlog to arrive")
+        time.sleep(seconds + 0.5)
+        assert collections(prom, instance) == []
+        wait_for(lambda: pushes.count in collections(prom, instance), what="the backlog")
     finally:
         writer.stop()
         proxy.close()
-    assert collections(prom, "outage-test") == list(range(1, pushes.count + 1))
+    arrived = collections(prom, instance)
+    return writer, proxy, arrived, [n for n in range(1, pushes.count + 1) if n not in arrived]
+
+
+def test_a_receiver_answering_503_for_a_while_loses_nothing_that_fits_the_buffer(prom):
+    pushes = Pushes()
+    writer, proxy, arrived, lost = push_through_outage(prom, "outage-test", 4, pushes)
+    assert lost == [] and arrived == list(range(1, pushes.count + 1)) and pushes.count >= 6
     assert counter(writer.failed, reason="5xx") >= 3
     assert sum(1 for *_, status in proxy.requests if status == 503) == \
         counter(writer.failed, reason="5xx")
@@ -267,46 +277,19 @@ def test_a_receiver_answering_503_for_a_while_loses_nothing_that_fits_the_buffer
 
 
 def test_a_full_buffer_drops_the_oldest_batches_and_counts_them(prom):
-    source, pushes = CollectorRegistry(), Pushes(padding=100)
-    source.register(pushes)
-    outage_until = time.monotonic() + 4.5
-    proxy = Proxy(prom.write_url, lambda n: 503 if time.monotonic() < outage_until else None)
-    writer = writer_for(proxy.url, "buffer-test", source, buffer_bytes=8 << 10)
-    writer.start()
-    try:
-        time.sleep(5)
-        wait_for(lambda: collections(prom, "buffer-test"), what="pushes after the outage")
-        time.sleep(1.5)
-    finally:
-        writer.stop()
-        proxy.close()
-    batch = len(pushes.padding) + 1
-    body = len(proxy.requests[0][1])
-    assert 8 << 10 < 3 * body, "each batch should be a large share of the buffer"
-    arrived = collections(prom, "buffer-test")
-    lost = [n for n in range(1, pushes.count + 1) if n not in arrived]
+    pushes = Pushes(padding=100)
+    writer, proxy, arrived, lost = push_through_outage(prom, "buffer-test", 4.5, pushes,
+                                                       buffer_bytes=8 << 10)
+    assert 8 << 10 < 3 * len(proxy.requests[0][1]), "a batch should be a large share of it"
     assert lost and lost == list(range(1, len(lost) + 1))       # the oldest ones, in a run
-    assert arrived == list(range(len(lost) + 1, pushes.count + 1))
-    assert counter(writer.dropped, reason="buffer_full") == len(lost) * batch
+    assert counter(writer.dropped, reason="buffer_full") == len(lost) * (len(pushes.padding) + 1)
     assert counter(writer.dropped, reason="too_old") == 0
 
 
 def test_batches_older_than_max_age_are_dropped_and_counted(prom):
-    source, pushes = CollectorRegistry(), Pushes()
-    source.register(pushes)
-    outage_until = time.monotonic() + 5
-    proxy = Proxy(prom.write_url, lambda n: 503 if time.monotonic() < outage_until else None)
-    writer = writer_for(proxy.url, "age-test", source, max_age_ns=2 * SECOND)
-    writer.start()
-    try:
-        time.sleep(5.5)
-        wait_for(lambda: collections(prom, "age-test"), what="pushes after the outage")
-        time.sleep(1.5)
-    finally:
-        writer.stop()
-        proxy.close()
-    arrived = collections(prom, "age-test")
-    lost = [n for n in range(1, pushes.count + 1) if n not in arrived]
+    pushes = Pushes()
+    writer, _, _, lost = push_through_outage(prom, "age-test", 5, pushes,
+                                             max_age_ns=2 * SECOND)
     assert len(lost) >= 2 and lost == list(range(1, len(lost) + 1))
     assert counter(writer.dropped, reason="too_old") == len(lost)
 

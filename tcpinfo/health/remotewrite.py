@@ -143,18 +143,9 @@ FLAGS: tuple[tuple[str, str, str, str, str], ...] = (
 
 # --- protobuf (prometheus/prompb: WriteRequest, TimeSeries, Label, Sample) ----------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _field(tag: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2) with a one-byte tag."""
-    return bytes((tag,)) + _varint(len(payload)) + payload
+    return bytes((tag,)) + snappy.varint(len(payload)) + payload
 
 
 def encode_labels(labels: Labels) -> bytes:
@@ -169,7 +160,7 @@ _DOUBLE = struct.Struct("<d")
 def encode_sample(value: float | None, timestamp_ms: int) -> bytes:
     """One TimeSeries.samples field (2): double value (None: the stale marker), int64 ms."""
     bits = STALE_NAN if value is None else _DOUBLE.pack(value)
-    return _field(0x12, b"\x09" + bits + b"\x10" + _varint(timestamp_ms & (1 << 64) - 1))
+    return _field(0x12, b"\x09" + bits + b"\x10" + snappy.varint(timestamp_ms & (1 << 64) - 1))
 
 
 def encode_write_request(series: Iterable[tuple[bytes, bytes]]) -> bytes:

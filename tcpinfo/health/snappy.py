@@ -15,7 +15,8 @@ MAX_INPUT = (1 << 32) - 1      # the length prefix is a 32-bit varint
 _MIN_MATCH = 4
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Unsigned LEB128, as snappy's length prefix and protobuf's varints are written."""
     out = bytearray()
     while n >= 0x80:
         out.append(n & 0x7F | 0x80)
@@ -97,7 +98,7 @@ def compress(data: bytes) -> bytes:
     """Snappy block format of ``data`` (at most 4 GiB - 1)."""
     if len(data) > MAX_INPUT:
         raise ValueError(f"snappy block input of {len(data)} bytes exceeds {MAX_INPUT}")
-    out = bytearray(_varint(len(data)))
+    out = bytearray(varint(len(data)))
     for start in range(0, len(data), FRAGMENT):
         _fragment(out, data, start, min(start + FRAGMENT, len(data)))
     return bytes(out)
