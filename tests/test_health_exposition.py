@@ -91,3 +91,20 @@ def test_prometheus_scrapes_openmetrics_and_stores_the_exemplars(closed_connecti
         assert [e["labels"] for e in series["exemplars"]] == [{"uuid": uuid_of(cookie)}]
     finally:
         prom.stop()
+
+
+def test_uuids_too_long_for_an_exemplar_are_left_out_with_a_warning(testnet, caplog):
+    registry = CollectorRegistry()
+    long_uuid = "p" * 200 + "_{:016X}"
+    agg = Aggregator(HealthConfig(), registry, long_uuid.format)
+    assert "carry no exemplars" in caplog.text
+    keep = testnet.connect()
+    feed(listening_poller(testnet, testnet.ns_a), agg)
+    url, http = serve(registry)
+    try:
+        _, text = scrape(url, openmetrics=True)
+    finally:
+        http.shutdown()
+    assert samples(text, "tcpinfo_health_rtt_seconds_count", True, family="ipv4")[0].value == 1
+    assert " # {" not in text
+    del keep

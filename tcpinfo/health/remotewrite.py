@@ -239,7 +239,10 @@ class RemoteWriter:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Queues a stale marker for every series, sends what it can within ``timeout_s``,
-        counts the rest as dropped (reason shutdown) and ends the thread."""
+        counts the rest as dropped (reason shutdown) and ends the thread.  Nothing to do if
+        start() was never called: nothing was pushed."""
+        if self._thread.ident is None:
+            return
         self._stop_deadline = time.monotonic() + timeout_s
         self._stopping = True
         self._wake.set()
