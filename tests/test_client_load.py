@@ -1,7 +1,7 @@
 """No client can starve the collector: the real tcp-info under event-socket and /metrics loads.
 
 Each test runs the daemon in a namespace with its event socket and /metrics server on, loads them
-from separate processes (the load generators of tcpinfo.bench_servers: a connect/close loop, held
+from separate processes (the load generators of lab.bench.servers: a connect/close loop, held
 event clients that never read, held slow HTTP clients), and checks from outside, in /proc and in
 its metrics and log, that polling keeps at least 80% of its unloaded rate, that threads and
 descriptors stay bounded and come back, and that what was refused is counted and logged once.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from helpers.poller import drain_until, listening_poller
 from lab.netns import cookie_of
 from tcpinfo.collector.poller import FINAL, SHORT, Poller
 from tcpinfo.collector.sockfilter import Filter
@@ -17,25 +18,6 @@ from tcpinfo.kernel.tcp import decode_tcp_info
 
 TCP_CLOSE = 7
 INFO = 2
-
-
-def listening_poller(topo, ns: str, sockets: Filter | None = None,
-                     grace_ns: int = 1_000_000_000) -> Poller:
-    with topo.inside(ns):
-        poller = Poller(sockets)
-        poller.listen_destroyed(grace_ns=grace_ns)
-    return poller
-
-
-def drain_until(poller: Poller, cookies: set[int], timeout: float = 3.0) -> dict:
-    """Destroy records by cookie, once every cookie in `cookies` has one."""
-    seen: dict = {}
-    deadline = time.monotonic() + timeout
-    while not cookies <= seen.keys():
-        assert time.monotonic() < deadline, f"no destroy notification for {cookies - seen.keys()}"
-        seen.update({c.cookie: c for c in poller.drain().destroyed})
-        time.sleep(0.01)
-    return seen
 
 
 def drained_stat(poller: Poller, name: str, timeout: float = 3.0) -> int:

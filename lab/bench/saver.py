@@ -16,6 +16,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -60,10 +61,13 @@ def _payload(cookie: int, step: int) -> bytes:
     return bytes(out)
 
 
-def run(n_records: int, anonymize: bool = False, directory: str | None = None) -> dict:
+def run(n_records: int, anonymize: bool = False, directory: str | None = None,
+        observe: Callable[[int, bytes, int], None] | None = None) -> dict:
     """Pushes n_records changed records through the collector's per-record step; returns the rates.
 
-    `directory` is where the temporary archive tree goes (default: /dev/shm, else the temp dir).
+    `directory` is where the temporary archive tree goes (default: /dev/shm, else the temp dir);
+    `observe(cookie, payload, ts)`, if given, is also called per record, as the collector would
+    call the health aggregates.
     """
     payloads = [[_payload(0x60000 + c, s) for s in range(VARIANTS)] for c in range(CONNECTIONS)]
     cookies = [0x60000 + c for c in range(CONNECTIONS)]
@@ -84,6 +88,8 @@ def run(n_records: int, anonymize: bool = False, directory: str | None = None) -
             variant = (done // CONNECTIONS) % VARIANTS
             for cookie, variants in zip(cookies, payloads):
                 write(variants[variant], cookie, ts)
+                if observe is not None:
+                    observe(cookie, variants[variant], ts)
                 done += 1
                 if done == n_records:
                     break

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import tcpinfo
+from tcpinfo.kernel.inetdiag import FAMILY_LABELS
 from tcpinfo.servers import httpserver
 from tcpinfo.servers.eventserver import EventCounters
 
@@ -64,7 +64,7 @@ _RATE_BUCKETS = [
 ]
 
 # Label values of the `af` label, as upstream writes them.
-AF_LABELS: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+AF_LABELS: dict[int, str] = FAMILY_LABELS
 # Reasons a family's dump fails (DUMP_ERRORS); the first three are upstream's ERRORS types.
 UPSTREAM_DUMP_ERRORS = ("wrong seq num", "wrong pid", "NLMSG_ERROR")
 DUMP_ERROR_REASONS = ("syscall", *UPSTREAM_DUMP_ERRORS, "truncated", "out of memory",

@@ -45,6 +45,8 @@ MAX_ATTR_TYPE = 38
 
 AF_INET = 2
 AF_INET6 = 10
+FAMILY_LABELS = {AF_INET: "ipv4", AF_INET6: "ipv6"}
+"""Address family names as metric label values (upstream's ``af`` label)."""
 
 _RTA_HDR = struct.Struct("<HH")
 
@@ -76,6 +78,23 @@ def split_message(payload: bytes) -> tuple[bytes, list[bytes | None]]:
     return payload[:IDM_LEN], slots
 
 
+def attribute_span(payload: bytes, rta_type: int) -> tuple[int, int]:
+    """Offset and length of the first ``rta_type`` attribute's value in an inet_diag payload,
+    or (-1, 0) if it has none: one pass that stops there, without copying any value, for code
+    that reads a few fields of one attribute per message.  ValueError on a bad rtattr length."""
+    n = len(payload)
+    pos = IDM_LEN
+    unpack = _RTA_HDR.unpack_from
+    while n - pos >= 4:
+        rta_len, kind = unpack(payload, pos)
+        if rta_len < 4 or rta_len > n - pos:
+            raise ValueError(f"invalid argument: bad rtattr length {rta_len} at offset {pos}")
+        if kind == rta_type:
+            return pos + 4, rta_len - 4
+        pos += (rta_len + 3) & ~3
+    return -1, 0
+
+
 def _ipv6_string(addr: bytes) -> str:
     """RFC 5952 text as Go prints it: the first longest run of two or more zero groups becomes ``::``."""
     groups = struct.unpack(">8H", addr)
@@ -95,7 +114,7 @@ def _ipv6_string(addr: bytes) -> str:
     return f"{head}::{tail}"
 
 
-_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 
 def ip_string(addr16: bytes, family: int) -> str:
@@ -106,7 +125,7 @@ def ip_string(addr16: bytes, family: int) -> str:
     addresses such as ``::`` or ``2001:db8::``; any other family falls back to that guess.
     """
     if family == AF_INET6 or (family != AF_INET and any(addr16[4:16])):
-        if addr16[:12] == _V4_MAPPED_PREFIX:
+        if addr16[:12] == V4_MAPPED_PREFIX:
             return "%d.%d.%d.%d" % tuple(addr16[12:16])
         return _ipv6_string(addr16)
     return "%d.%d.%d.%d" % tuple(addr16[:4])

@@ -1,0 +1,1 @@
+"""Pushing metrics where scraping cannot reach: Prometheus remote write (protobuf + snappy)."""
