@@ -14,57 +14,11 @@ import orjson
 
 from . import __version__
 from .archive import MAX_LINE_BYTES, STDIN, ArchiveError, expand_paths, read_text
-from .inetdiag import (
-    INET_DIAG_CONG,
-    SCALAR_ATTRIBUTES,
-    STRUCT_ATTRIBUTES,
-    decode_attributes,
-    decode_idm,
-)
-from .record import ZERO_TIME_NS, decode_line, format_time
-from .tcp import state_name
+from .modern import MODERN_HEADER, BadInput, long_line, modern_fields
 from .upstream_csv import UpstreamConverter, go_csv_field
 
 
 # --- modern schema ---------------------------------------------------------------------------
-
-IDM_COLUMNS = ["idm.family", "idm.state", "idm.state_name", "idm.timer", "idm.retrans", "idm.sport",
-               "idm.dport", "idm.src", "idm.dst", "idm.interface", "idm.cookie", "idm.expires",
-               "idm.rqueue", "idm.wqueue", "idm.uid", "idm.inode"]
-MODERN_HEADER: list[str] = (
-    ["uuid", "timestamp"] + IDM_COLUMNS + ["cong"]
-    + [name for name, _ in SCALAR_ATTRIBUTES.values()]
-    + [f"{prefix}.{name}" for prefix, layout in STRUCT_ATTRIBUTES.values() for name in layout.names]
-)
-
-
-def modern_fields(line: bytes) -> tuple[dict[str, object] | None, dict | None]:
-    """(decoded fields of a data line, or None for a header line; the line's Metadata or None).
-
-    Absent means not sent: a field the kernel did not send is missing from the dict.
-    """
-    d = decode_line(line)
-    if d.raw_idm is None:
-        if d.metadata is None:
-            raise ValueError("record has neither Metadata nor RawIDM")
-        return None, d.metadata
-    idm = decode_idm(d.raw_idm)
-    fields: dict[str, object] = {}
-    if d.ts_ns != ZERO_TIME_NS or d.offset_s:
-        fields["timestamp"] = format_time(d.ts_ns, d.offset_s)
-    fields.update({
-        "idm.family": idm.family, "idm.state": idm.state, "idm.state_name": state_name(idm.state),
-        "idm.timer": idm.timer, "idm.retrans": idm.retrans, "idm.sport": idm.sport, "idm.dport": idm.dport,
-        "idm.src": idm.src, "idm.dst": idm.dst, "idm.interface": idm.interface, "idm.cookie": idm.cookie,
-        "idm.expires": idm.expires, "idm.rqueue": idm.rqueue, "idm.wqueue": idm.wqueue,
-        "idm.uid": idm.uid, "idm.inode": idm.inode,
-    })
-    if d.attributes:
-        if d.attributes[INET_DIAG_CONG:INET_DIAG_CONG + 1] == [b""]:
-            raise ValueError("empty CONG attribute")
-        fields.update(decode_attributes(d.attributes))
-    return fields, d.metadata
-
 
 class ModernConverter:
     """Rows of the modern schema (CSV or JSON lines); the UUID comes from the file's header line."""
@@ -96,10 +50,6 @@ class ModernConverter:
 
 
 # --- driver ----------------------------------------------------------------------------------
-
-class BadInput(Exception):
-    """Stops the conversion; the message is one line naming file and line."""
-
 
 def convert(paths: list[str], out: BinaryIO, *, schema: str = "upstream", json_lines: bool = False,
             skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[int, int]:
@@ -135,7 +85,7 @@ def convert_file(converter: UpstreamConverter | ModernConverter, path: str, out:
     for lineno, text in read_text(path, max_line_bytes):
         if text is None:  # the reader has already dropped it
             if not skip_bad:
-                raise BadInput(f"{name}:{lineno}: line longer than {max_line_bytes} bytes (--max-line-bytes)")
+                raise long_line(name, lineno, max_line_bytes)
             skipped += 1
             continue
         pos = 0
