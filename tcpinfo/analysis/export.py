@@ -3,8 +3,8 @@
 The rows come from the per-archive pure functions (``snapshots.archive_batches``,
 ``mlab.archive_batches``); this module only walks the inputs, splits batches by partition and
 writes each partition's files, so a distributed engine can call the same functions per file and
-write the same dataset.  Memory holds one batch (32,768 snapshots) per open partition writer and
-at most ``MAX_OPEN`` writers, whatever the input size (the mlab shape also holds one archive).
+write the same dataset.  Memory holds one batch (``snapshots.BATCH_ROWS``) at a time and at most ``MAX_OPEN``
+writers, whatever the input size (the mlab shape also holds one archive).
 """
 from __future__ import annotations
 
