@@ -14,7 +14,7 @@ import orjson
 
 from . import __version__
 from .archive import MAX_LINE_BYTES, STDIN, ArchiveError, expand_paths, read_text
-from .modern import MODERN_HEADER, BadInput, long_line, modern_fields
+from .modern import MODERN_HEADER, BadInput, long_line, modern_fields, positive_int
 from .upstream_csv import UpstreamConverter, go_csv_field
 
 
@@ -111,17 +111,6 @@ def convert_file(converter: UpstreamConverter | ModernConverter, path: str, out:
     return written, skipped
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: want a positive integer")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="csvtool",
@@ -136,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="write decoded JSON lines (modern field names)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip lines that cannot be decoded (or are too long) and report how many on stderr")
-    p.add_argument("--max-line-bytes", type=_positive, default=MAX_LINE_BYTES, metavar="N",
+    p.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, metavar="N",
                    help=f"a longer line is bad input, dropped unread (default {MAX_LINE_BYTES}; records "
                         "are 1-2 KB): keeps memory bounded on input without newlines")
     p.add_argument("-version", "--version", action="version", version=f"%(prog)s {__version__}")

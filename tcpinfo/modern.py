@@ -5,6 +5,8 @@ them from here: every field the kernel sent and nothing it did not, named by the
 """
 from __future__ import annotations
 
+import argparse
+
 from .inetdiag import (
     INET_DIAG_CONG,
     SCALAR_ATTRIBUTES,
@@ -32,6 +34,17 @@ class BadInput(Exception):
 def long_line(name: str, lineno: int, max_line_bytes: int) -> BadInput:
     """The error for a line the reader dropped because it was longer than ``max_line_bytes``."""
     return BadInput(f"{name}:{lineno}: line longer than {max_line_bytes} bytes (--max-line-bytes)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the converters' ``--max-line-bytes``: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: want a positive integer")
+    return value
 
 
 def modern_fields(line: bytes) -> tuple[dict[str, object] | None, dict | None]:

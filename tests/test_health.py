@@ -39,8 +39,8 @@ def accumulate(paths) -> dict[str, Accumulator]:
 
 def kernel_shares(info: dict[str, int]) -> tuple[float, float]:
     """(rwnd-limited, sndbuf-limited) shares of busy time, straight from tcp_info."""
-    busy = info["busy_time"]
-    return info["rwnd_limited"] / busy, info["sndbuf_limited"] / busy
+    busy = info["busy_time"]  # ms resolution: a trickle's may be 0
+    return (info["rwnd_limited"] / busy, info["sndbuf_limited"] / busy) if busy else (0.0, 0.0)
 
 
 def test_ndt_download_is_receive_window_limited_as_its_last_tcp_info_says() -> None:

@@ -11,7 +11,7 @@ from paths import REPO, script
 
 import tcpinfo
 
-SCRIPTS = ("tcp-info", "csvtool", "tcpinfo-bench", "tcpinfo-events")
+SCRIPTS = ("tcp-info", "csvtool", "tcpinfo-bench", "tcpinfo-events", "tcpinfo")
 
 
 def source_copy(tmp_path: Path) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..archive import MAX_LINE_BYTES, STDIN, ArchiveError, expand_paths
+from ..modern import positive_int
 
 PROG = "tcpinfo"
 EXTRA = "pip install 'tcpinfo[analysis]'"
@@ -37,22 +38,12 @@ def require(command: str) -> None:
             raise MissingExtra(f"{command} needs {module}, which is not installed ({exc}): {EXTRA}") from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: want a positive integer")
-    return value
-
-
 def _input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="archive files or directories (walked recursively), '-' for stdin (zstd or plain)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip lines that cannot be decoded and report how many on stderr")
-    p.add_argument("--max-line-bytes", type=_positive, default=MAX_LINE_BYTES, metavar="N",
+    p.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, metavar="N",
                    help=f"a longer line is bad input (default {MAX_LINE_BYTES})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")

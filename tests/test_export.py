@@ -11,18 +11,26 @@ import sys
 from pathlib import Path
 
 import orjson
-import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
 from paths import ARCHIVES, FINWAIT, NDT, TESTDATA, script
 from shaped_flows import shaped_run  # noqa: F401  (fixture)
 from test_csvtool import _bad_inputs, plain
 
-from tcpinfo.analysis import mlab
-from tcpinfo.analysis.snapshots import column
 from tcpinfo.bench_csvtool import write_archive
 from tcpinfo.record import parse_time
 from tcpinfo.upstream_csv import UPSTREAM_HEADER
+
+# pyarrow (through tcpinfo.analysis) is imported only when a test here runs, never at collection:
+# a child's peak RSS (wait4) counts the pages of the process that spawned it, and the csvtool
+# tests that bound their child's memory run before this file (test_archive_bounds, test_csvtool).
+
+
+def arrow():
+    """(pyarrow, pyarrow.dataset), imported on first use."""
+    import pyarrow
+    import pyarrow.dataset
+
+    return pyarrow, pyarrow.dataset
 
 TCPINFO, CSVTOOL = script("tcpinfo"), script("csvtool")
 
@@ -31,14 +39,15 @@ def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([TCPINFO, *args], input=stdin, capture_output=True, timeout=300)
 
 
-def export(out: Path, *paths, shape: str = "snapshots") -> pa.Table:
+def export(out: Path, *paths, shape: str = "snapshots"):
     result = run("export", "--shape", shape, "-o", str(out), *map(str, paths))
     assert result.returncode == 0, result.stderr
     return read(out).to_table()
 
 
-def read(out: Path) -> ds.Dataset:
+def read(out: Path):
     """The dataset with its Hive partition columns typed (a null date cannot be inferred)."""
+    pa, ds = arrow()
     keys = [("date", pa.date32())] + ([("host", pa.string())] if any(out.rglob("host=*")) else [])
     return ds.dataset(out, format="parquet", partitioning=ds.partitioning(pa.schema(keys), flavor="hive"))
 
@@ -48,15 +57,18 @@ def csv_rows(*args: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(out)))
 
 
-def plain_rows(table: pa.Table) -> list[dict]:
+def plain_rows(table) -> list[dict]:
     """Rows with times as Unix ns (Python datetimes stop at microseconds)."""
+    pa, _ = arrow()
     for name in ("timestamp", "archive_start_time"):
         table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.int64()))
     return table.to_pylist()
 
 
-def assert_agrees_with_csvtool_modern(archive: Path, table: pa.Table) -> None:
+def assert_agrees_with_csvtool_modern(archive: Path, table) -> None:
     """Every modern column of every row: the export's value is csvtool --schema modern's."""
+    from tcpinfo.analysis.snapshots import column
+
     expected = csv_rows("--schema", "modern", str(archive))
     got = [r for r in plain_rows(table) if r["source_file"] == str(archive)]
     got.sort(key=lambda r: r["source_line"])
@@ -92,6 +104,7 @@ def test_export_is_hive_partitioned_by_date_and_by_host_when_hosts_differ(tmp_pa
     assert one.returncode == 0, one.stderr
     assert [p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*.parquet")] == [
         "date=2019-07-01/part-00000.parquet"]
+    pa, _ = arrow()
     table = export(tmp_path / "two", NDT, FINWAIT)
     parts = sorted(p.relative_to(tmp_path / "two").parent.as_posix() for p in (tmp_path / "two").rglob("*.parquet"))
     assert parts == ["date=2019-07-01/host=ndt-7hhhv", "date=2019-08-26/host=gfr14.nyc.corp.google.com"]
@@ -263,4 +276,24 @@ def test_one_hundred_thousand_record_export_runs_in_bounded_memory(tmp_path: Pat
 
 
 def test_mlab_snapshot_struct_is_the_declared_schema() -> None:
+    from tcpinfo.analysis import mlab
+
     assert mlab.SCHEMA.field("FinalSnapshot").type == mlab.SNAPSHOT
+
+
+def test_summary_in_duckdb_equals_the_collectors_accumulator_for_every_connection() -> None:
+    """One implementation: SQL aggregates + summarize give what an Accumulator fed snapshot by
+    snapshot gives (the collector's path), for every connection of the test data."""
+    from test_health import accumulate
+
+    from tcpinfo.archive import expand_paths
+
+    paths = [p for p in expand_paths([str(TESTDATA)]) if p.endswith(".jsonl.zst")]
+    result = run("summary", "--format", "json", *paths)
+    assert result.returncode == 0, result.stderr
+    from_sql = {row.pop("connection"): row for row in map(orjson.loads, result.stdout.splitlines())}
+    live = {key: acc.summary().as_dict() for key, acc in accumulate(paths).items()}
+    assert len(from_sql) == len(live) == 4 + 140 + 3
+    for key, row in from_sql.items():
+        row.pop("start")
+        assert row == live[key], key
