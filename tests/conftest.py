@@ -13,6 +13,8 @@ from helpers.daemon import Daemon
 from lab.netns import Topology
 from tcpinfo.collector.metrics import Metrics
 
+pytest_plugins = ["helpers.shaped_flows"]   # the session fixture of flows over a shaped link
+
 ROOT_FIXTURES = {"testnet", "shaped_testnet", "daemons", "shared", "small_disk"}
 """Fixtures that build network namespaces, mount a file system or act as another user."""
 

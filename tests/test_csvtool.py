@@ -11,7 +11,7 @@ import orjson
 import pytest
 import zstandard
 
-from helpers.csvtool import expected_csv, plain, run, run_measured
+from helpers.csvtool import bad_inputs, expected_csv, plain, run, run_measured
 from helpers.paths import ARCHIVES, FINWAIT, NDT, TESTDATA
 from lab.bench.csvtool import write_archive
 
@@ -103,30 +103,6 @@ def test_json_lines_output_omits_absent_fields() -> None:
     assert "tcp.snd_wnd" not in first and "vegas.rtt" not in first
 
 
-def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, int]]:
-    """name -> (file, line number the error must name)."""
-    good = plain(FINWAIT).splitlines(keepends=True)
-    idm = orjson.loads(good[1])["RawIDM"]
-    cases = {
-        "truncated-zstd.jsonl.zst": (FINWAIT.read_bytes()[:-200], 1),
-        "corrupt-frame.jsonl.zst": (FINWAIT.read_bytes()[:60] + bytes(40) + FINWAIT.read_bytes()[100:], 1),
-        "not-json.jsonl": (b"".join(good[:3]) + b"{oops\n" + b"".join(good[3:]), 4),
-        "wrong-types.jsonl": (good[0] + b'{"Timestamp":[],"RawIDM":3}\n', 2),
-        "attribute-type.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,7]}\n' % idm.encode(), 2),
-        "attribute-list.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,[1]]}\n' % idm.encode(), 2),
-        "short-idm.jsonl": (b"".join(good[:5]) + b'{"RawIDM":"AAAA"}\n', 6),
-        "empty-cong.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,null,null,null,""]}\n' % idm.encode(), 2),
-        "bad-base64.jsonl": (good[0] + b'{"RawIDM":"%s!"}\n' % idm.encode(), 2),
-        "empty-record.jsonl": (good[0] + b'{"Timestamp":"2019-08-26T19:55:42Z"}\n', 2),
-    }
-    out = {}
-    for name, (data, line) in cases.items():
-        (tmp / name).write_bytes(data)
-        out[name] = (tmp / name, line)
-    out["missing.jsonl.zst"] = (tmp / "missing.jsonl.zst", 0)
-    return out
-
-
 @pytest.mark.parametrize("case", ["truncated-zstd.jsonl.zst", "corrupt-frame.jsonl.zst", "not-json.jsonl",
                                   "wrong-types.jsonl", "attribute-type.jsonl", "attribute-list.jsonl",
                                   "short-idm.jsonl",
@@ -134,7 +110,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, int]]:
                                   "missing.jsonl.zst"])
 @pytest.mark.parametrize("schema", ["upstream", "modern"])
 def test_bad_input_is_one_line_error_naming_file_and_line(tmp_path: Path, case: str, schema: str) -> None:
-    path, line = _bad_inputs(tmp_path)[case]
+    path, line = bad_inputs(tmp_path)[case]
     result = run("--schema", schema, str(path))
     assert result.returncode == 1
     err = result.stderr.decode()

@@ -11,7 +11,7 @@ import pytest
 import tcpinfo
 from helpers.paths import REPO, script
 
-SCRIPTS = ("tcp-info", "csvtool", "tcpinfo-events")
+SCRIPTS = ("tcp-info", "csvtool", "tcpinfo-events", "tcpinfo")
 
 
 def source_copy(tmp_path: Path) -> Path:

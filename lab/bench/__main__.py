@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("-r", "--rounds", type=int, default=40)
     c = sub.add_parser("csvtool", help="csvtool rows/s in the default schema")
     c.add_argument("-n", "--records", type=int, default=200_000)
+    x = sub.add_parser("export", help="tcpinfo export rows/s vs csvtool, its peak RSS, DuckDB summary time")
+    x.add_argument("-n", "--records", type=int, default=200_000)
+    x.add_argument("--big", type=int, default=1_000_000, help="records for the RSS and summary runs")
     w = sub.add_parser("saver", help="end-to-end records/s: split, encode, compress, write")
     w.add_argument("-n", "--records", type=int, default=300_000)
     w.add_argument("--anonymize", action="store_true")
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "csvtool":
         from lab.bench import csvtool
         print(csvtool.run(args.records))
+        return 0
+    if args.what == "export":
+        from lab.bench import export
+        print(export.run(args.records, args.big))
         return 0
     if args.what == "saver":
         from lab.bench import saver

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import orjson
 import pytest
 import zstandard
 
-from helpers.paths import script
+from helpers.paths import FINWAIT, script
 
 CSVTOOL = script("csvtool")
 
@@ -75,3 +76,27 @@ class MeasuredRun:
 def run_measured(*args: str, stdin: str = os.devnull, timeout: float = 120) -> Measured:
     """One MeasuredRun to its end."""
     return MeasuredRun(*args, stdin=stdin).result(timeout)
+
+
+def bad_inputs(tmp: Path) -> dict[str, tuple[Path, int]]:
+    """name -> (file, line number the error must name)."""
+    good = plain(FINWAIT).splitlines(keepends=True)
+    idm = orjson.loads(good[1])["RawIDM"]
+    cases = {
+        "truncated-zstd.jsonl.zst": (FINWAIT.read_bytes()[:-200], 1),
+        "corrupt-frame.jsonl.zst": (FINWAIT.read_bytes()[:60] + bytes(40) + FINWAIT.read_bytes()[100:], 1),
+        "not-json.jsonl": (b"".join(good[:3]) + b"{oops\n" + b"".join(good[3:]), 4),
+        "wrong-types.jsonl": (good[0] + b'{"Timestamp":[],"RawIDM":3}\n', 2),
+        "attribute-type.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,7]}\n' % idm.encode(), 2),
+        "attribute-list.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,[1]]}\n' % idm.encode(), 2),
+        "short-idm.jsonl": (b"".join(good[:5]) + b'{"RawIDM":"AAAA"}\n', 6),
+        "empty-cong.jsonl": (good[0] + b'{"RawIDM":"%s","Attributes":[null,null,null,null,""]}\n' % idm.encode(), 2),
+        "bad-base64.jsonl": (good[0] + b'{"RawIDM":"%s!"}\n' % idm.encode(), 2),
+        "empty-record.jsonl": (good[0] + b'{"Timestamp":"2019-08-26T19:55:42Z"}\n', 2),
+    }
+    out = {}
+    for name, (data, line) in cases.items():
+        (tmp / name).write_bytes(data)
+        out[name] = (tmp / name, line)
+    out["missing.jsonl.zst"] = (tmp / "missing.jsonl.zst", 0)
+    return out

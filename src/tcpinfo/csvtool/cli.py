@@ -11,18 +11,7 @@ import sys
 
 from tcpinfo import __version__
 from tcpinfo.archive.reader import MAX_LINE_BYTES, STDIN, ArchiveError, expand_paths
-from tcpinfo.csvtool.convert import BadInput, convert
-
-
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: want a positive integer")
-    return value
+from tcpinfo.csvtool.convert import BadInput, convert, positive_int
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="write decoded JSON lines (modern field names)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip lines that cannot be decoded (or are too long) and report how many on stderr")
-    p.add_argument("--max-line-bytes", type=_positive, default=MAX_LINE_BYTES, metavar="N",
+    p.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, metavar="N",
                    help=f"a longer line is bad input, dropped unread (default {MAX_LINE_BYTES}; records "
                         "are 1-2 KB): keeps memory bounded on input without newlines")
     p.add_argument("-version", "--version", action="version", version=f"%(prog)s {__version__}")

@@ -5,6 +5,7 @@ through the converter's ``row`` one at a time, which is where bad input is repor
 """
 from __future__ import annotations
 
+import argparse
 from typing import BinaryIO
 
 from tcpinfo.archive.reader import MAX_LINE_BYTES, STDIN, read_text
@@ -13,7 +14,24 @@ from tcpinfo.csvtool.upstream import UpstreamConverter
 
 
 class BadInput(Exception):
-    """Stops the conversion; the message is one line naming file and line."""
+    """Stops a conversion (csvtool's, or tcpinfo export's); the message is one line naming file
+    and line."""
+
+
+def long_line(name: str, lineno: int, max_line_bytes: int) -> BadInput:
+    """The error for a line the reader dropped because it was longer than ``max_line_bytes``."""
+    return BadInput(f"{name}:{lineno}: line longer than {max_line_bytes} bytes (--max-line-bytes)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the converters' ``--max-line-bytes``: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: want a positive integer")
+    return value
 
 
 def convert(paths: list[str], out: BinaryIO, *, schema: str = "upstream", json_lines: bool = False,
@@ -50,7 +68,7 @@ def convert_file(converter: UpstreamConverter | ModernConverter, path: str, out:
     for lineno, text in read_text(path, max_line_bytes):
         if text is None:  # the reader has already dropped it
             if not skip_bad:
-                raise BadInput(f"{name}:{lineno}: line longer than {max_line_bytes} bytes (--max-line-bytes)")
+                raise long_line(name, lineno, max_line_bytes)
             skipped += 1
             continue
         pos = 0

@@ -1,0 +1,180 @@
+"""``tcpinfo export``: archives -> a Hive-partitioned Parquet dataset, streaming.
+
+The rows come from the per-archive pure functions (``snapshots.archive_batches``,
+``mlab.archive_batches``); this module only walks the inputs, splits batches by partition and
+writes each partition's files, so a distributed engine can call the same functions per file and
+write the same dataset.  Memory holds one batch (``snapshots.BATCH_ROWS``) at a time and at most ``MAX_OPEN``
+writers, whatever the input size (the mlab shape also holds one archive).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tcpinfo.analysis import mlab, snapshots
+from tcpinfo.analysis.snapshots import Counts, host_of
+from tcpinfo.archive.reader import MAX_LINE_BYTES, STDIN
+
+MAX_OPEN = 64
+"""Partition files open at once; the least recently written is closed beyond it."""
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+COMPRESSION = "zstd"
+
+
+def hosts_in_names(paths: list[str]) -> set[str]:
+    """Hosts named by archive file names (``<uuid>.<seq>.jsonl[.zst]``); unknown ones left out."""
+    return {h for p in paths if p != STDIN and (h := host_of(os.path.basename(p).split(".", 1)[0]))}
+
+
+def partition_columns(partition: str, paths: list[str]) -> list[str]:
+    """``date``, plus ``host`` when asked or (``auto``) when the file names show several hosts."""
+    if partition == "date" or (partition == "auto" and len(hosts_in_names(paths)) < 2):
+        return ["date"]
+    return ["date", "host"]
+
+
+def _segment(name: str, value: object) -> str:
+    if value is None:
+        return f"{name}={HIVE_NULL}"
+    return f"{name}={urllib.parse.quote(str(value), safe='')}"
+
+
+class PartitionedWriter:
+    """Parquet files under ``root/<col>=<value>/...``, one open writer per partition (capped)."""
+
+    def __init__(self, root: Path, schema: pa.Schema, by: list[str]) -> None:
+        self.root, self.by = root, by
+        self.file_schema = pa.schema([f for f in schema if f.name not in by])
+        self._open: OrderedDict[tuple, pq.ParquetWriter] = OrderedDict()
+        self._parts: dict[tuple, int] = {}
+        self.files = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        keys = [batch.column(c) for c in self.by]
+        if all(k.null_count in (0, len(k)) and len(pc.unique(k)) == 1 for k in keys):
+            self._write(tuple(k[0].as_py() for k in keys), batch)
+            return
+        table = pa.Table.from_batches([batch])
+        groups = table.group_by(self.by, use_threads=False).aggregate([])
+        for key in groups.to_pylist():
+            mask = None
+            for c in self.by:
+                cond = (pc.is_null(table[c]) if key[c] is None
+                        else pc.equal(table[c], pa.scalar(key[c], table.schema.field(c).type)))
+                mask = cond if mask is None else pc.and_(mask, cond)
+            for part in table.filter(mask).to_batches():
+                self._write(tuple(key[c] for c in self.by), part)
+
+    def _write(self, key: tuple, batch: pa.RecordBatch) -> None:
+        writer = self._open.get(key)
+        if writer is None:
+            if len(self._open) >= MAX_OPEN:
+                self._open.popitem(last=False)[1].close()
+            n = self._parts.get(key, 0)
+            self._parts[key] = n + 1
+            directory = self.root.joinpath(*(_segment(c, v) for c, v in zip(self.by, key)))
+            directory.mkdir(parents=True, exist_ok=True)
+            writer = pq.ParquetWriter(directory / f"part-{n:05d}.parquet", self.file_schema,
+                                      compression=COMPRESSION)
+            self.files += 1
+            self._open[key] = writer
+        else:
+            self._open.move_to_end(key)
+        writer.write_batch(batch.drop_columns(self.by) if self.by else batch)
+
+    def close(self) -> None:
+        """Finishes every file (also after an error: what was written stays readable)."""
+        while self._open:
+            self._open.popitem(last=False)[1].close()
+
+
+class Progress:
+    """A one-line progress report on stderr, at most five updates a second; silent if off."""
+
+    def __init__(self, enabled: bool, paths: list[str]) -> None:
+        self.enabled = enabled
+        self.sizes = {p: (os.path.getsize(p) if p != STDIN and os.path.isfile(p) else 0) for p in paths}
+        self.total = sum(self.sizes.values())
+        self.files_done = self.bytes_done = 0
+        self.start = self._last = time.monotonic()
+
+    def update(self, counts: Counts, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.2):
+            return
+        self._last = now
+        rate = counts.rows / max(now - self.start, 1e-9)
+        share = self.bytes_done / self.total if self.total else 0.0
+        bar = "#" * int(share * 30)
+        sys.stderr.write(f"\r[{bar:<30}] {100 * share:5.1f}%  {self.files_done}/{len(self.sizes)} files  "
+                         f"{counts.rows:,} rows  {rate:,.0f} rows/s ")
+        sys.stderr.flush()
+
+    def file_done(self, path: str, counts: Counts) -> None:
+        self.files_done += 1
+        self.bytes_done += self.sizes.get(path, 0)
+        self.update(counts)
+
+    def finish(self, counts: Counts) -> None:
+        if self.enabled:
+            self.update(counts, force=True)
+            sys.stderr.write("\n")
+
+
+def batches(paths: list[str], shape: str, counts: Counts, progress: Progress | None = None, *,
+            skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+            parse_time_ns: int | None = None) -> Iterator[pa.RecordBatch]:
+    """Every archive's batches in turn (``snapshots`` or ``mlab`` shape)."""
+    for path in paths:
+        if shape == "mlab":
+            yield from mlab.archive_batches(path, counts, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
+                                            parse_time_ns=parse_time_ns or time.time_ns())
+        else:
+            for batch in snapshots.archive_batches(path, counts, skip_bad=skip_bad, max_line_bytes=max_line_bytes):
+                yield batch
+                if progress:
+                    progress.update(counts)
+        if progress:
+            progress.file_done(path, counts)
+
+
+def schema_of(shape: str) -> pa.Schema:
+    return mlab.SCHEMA if shape == "mlab" else snapshots.SCHEMA
+
+
+def clear(root: Path) -> None:
+    """Removes a previous export's files (``*.parquet`` and the partition directories)."""
+    for entry in root.iterdir():
+        if entry.is_dir() and "=" in entry.name:
+            shutil.rmtree(entry)
+        elif entry.is_file() and entry.suffix == ".parquet":
+            entry.unlink()
+
+
+def export(paths: list[str], out: Path, *, shape: str = "snapshots", partition: str = "auto",
+           skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES, progress: bool = False,
+           parse_time_ns: int | None = None) -> tuple[Counts, int]:
+    """Writes the dataset; returns (counts, files written).  BadInput / ArchiveError stop it
+    after closing every file, so the rows before the bad line are in the dataset."""
+    by = ["date"] if shape == "mlab" else partition_columns(partition, paths)  # M-Lab's row has no host
+    counts = Counts()
+    report = Progress(progress, paths)
+    writer = PartitionedWriter(out, schema_of(shape), by)
+    try:
+        for batch in batches(paths, shape, counts, report, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
+                             parse_time_ns=parse_time_ns):
+            writer.write(batch)
+    finally:
+        writer.close()
+        report.finish(counts)
+    return counts, writer.files

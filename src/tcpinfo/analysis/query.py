@@ -1,0 +1,99 @@
+"""``tcpinfo sql`` and ``tcpinfo summary``: DuckDB over archives or an exported dataset.
+
+The rows are a view named ``snapshots`` (the snapshots shape of ``tcpinfo export``).  Archives
+are first exported to a temporary dataset, so a query may read the table any number of times and
+memory stays bounded; a dataset (a directory holding ``*.parquet``, or Parquet files) is read in
+place.  The summary is ``health.connection``'s aggregates as SQL, then its ``summarize`` per
+connection: the same code as the collector's live answer.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from tcpinfo.analysis.export import HIVE_NULL, export
+from tcpinfo.analysis.snapshots import SCHEMA, Counts
+from tcpinfo.health.connection import Summary, aggregate_sql, summarize
+
+CONNECTION_KEY = ("coalesce(nullif(uuid, ''), source_file || '#' || CAST(idm_cookie AS VARCHAR))")
+"""One connection: its UUID, or for an archive without a header (no UUID) file and cookie."""
+SNAPSHOT_ORDER = "coalesce(archive_sequence, 0) * 4294967296 + source_line"
+"""A connection's snapshots in archive order (sequence files in turn, lines within each)."""
+
+
+class Usage(Exception):
+    """A bad combination of inputs: exit 2 with the message."""
+
+
+def is_dataset(path: str) -> bool:
+    p = Path(path)
+    return (p.is_file() and p.suffix == ".parquet") or (p.is_dir() and any(p.rglob("*.parquet")))
+
+
+def _parquet_glob(path: str) -> str:
+    p = Path(path)
+    return str(p) if p.is_file() else str(p / "**" / "*.parquet")
+
+
+@contextlib.contextmanager
+def connect(paths: list[str], archives: list[str], counts: Counts | None = None, *, skip_bad: bool = False,
+            progress: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection with the view ``snapshots`` over ``paths`` (datasets) or
+    ``archives`` (converted first, adding to ``counts``); one of the two is empty."""
+    with tempfile.TemporaryDirectory(prefix="tcpinfo-sql-") as tmp:
+        if archives:
+            done, _ = export(archives, Path(tmp), skip_bad=skip_bad, progress=progress, partition="date")
+            if counts is not None:
+                counts.rows, counts.skipped = counts.rows + done.rows, counts.skipped + done.skipped
+            # an empty file keeps the columns when there are no rows
+            empty = Path(tmp) / f"date={HIVE_NULL}"
+            empty.mkdir(exist_ok=True)
+            pq.write_table(SCHEMA.empty_table().drop_columns(["date"]), empty / "empty.parquet")
+            globs = [str(Path(tmp) / "**" / "*.parquet")]
+        else:
+            globs = [_parquet_glob(p) for p in paths]
+        con = duckdb.connect(":memory:", config={"threads": 2})
+        try:
+            files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)  # views take no parameters
+            con.execute(f"CREATE VIEW snapshots AS SELECT * FROM read_parquet([{files}], "
+                        "hive_partitioning = true, union_by_name = true)")
+            columns = {row[0] for row in con.execute("DESCRIBE snapshots").fetchall()}
+            if "Snapshots" in columns:
+                raise Usage("this dataset has M-Lab's row shape: query it with read_parquet(); "
+                            "`tcpinfo sql` reads the snapshots shape (tcpinfo export --shape snapshots)")
+            yield con
+        finally:
+            con.close()
+
+
+def summary_sql() -> str:
+    """One row per connection: its key, first time, and every health aggregate."""
+    select = ",\n  ".join(aggregate_sql(order=SNAPSHOT_ORDER))
+    return (f"SELECT {CONNECTION_KEY} AS connection,\n  {select}\nFROM snapshots\n"
+            f"GROUP BY connection ORDER BY first_ns NULLS LAST, connection")
+
+
+SUMMARY_COLUMNS = ["connection", "start"] + list(Summary.__dataclass_fields__)
+
+
+def summaries(con: duckdb.DuckDBPyConnection) -> Iterator[dict[str, object]]:
+    """Each connection's summary as a flat dict (``SUMMARY_COLUMNS``), earliest first."""
+    from datetime import datetime
+
+    cursor = con.execute(summary_sql())
+    names = [d[0] for d in cursor.description]
+    while rows := cursor.fetchmany(1024):
+        for row in rows:
+            values = dict(zip(names, row))
+            s = summarize(values)
+            first = values["first_ns"]
+            start = (None if first is None else
+                     datetime.fromtimestamp(first // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+                     + f".{first % 10**9:09d}Z")
+            yield {"connection": values["connection"], "start": start, **s.as_dict()}
