@@ -125,3 +125,14 @@ int result_add(struct tcpi_core *c, struct recvec *v, const uint8_t *p, uint32_t
     v->n++;
     return 0;
 }
+
+int64_t tcpi_snapshot(struct tcpi_core *c, uint64_t cookie, uint8_t *out, uint32_t cap)
+{
+    const struct entry *e = table_find(&c->tbl, cookie);
+    if (!e->used || e->fate != LIVE || !e->data)
+        return 0;
+    if (e->len > cap)
+        return -(int64_t)e->len;
+    memcpy(out, e->data, e->len);
+    return e->len;
+}

@@ -190,6 +190,11 @@ int tcpi_drain(struct tcpi_core *core, struct tcpi_poll_result **out);
 /* Forget every tracked connection (the next poll reports all as new). */
 void tcpi_forget_all(struct tcpi_core *core);
 
+/* Copies the last message the polls reported for an open connection (the stored copy
+ * Compare reads) into out.  Returns its length, 0 if the cookie is not an open
+ * connection, or minus the length needed if cap is too small.  Poll thread only. */
+int64_t tcpi_snapshot(struct tcpi_core *core, uint64_t cookie, uint8_t *out, uint32_t cap);
+
 /* Upstream's Compare(current, previous) on two inet_diag payloads, as each poll
  * applies it: an enum tcpi_change, or -1 if either is malformed. */
 int tcpi_compare(const uint8_t *cur, uint32_t cur_len, const uint8_t *prev, uint32_t prev_len);

@@ -154,6 +154,37 @@ def test_values_beyond_sane_bounds_are_refused_with_the_limit(argv, message):
     assert len(str(caught.value)) < 300   # a long value is cut short in the message
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["-health.labels=peer"], "unknown health label 'peer'"),
+    (["-health.labels=service"], "no -health.service names a port range"),
+    (["-health.service=https=443"], "-health.service is given but -health.labels has no service"),
+    (["-health.max-groups=0"], "must be at least 1"),
+    (["-health.sample-interval=-1s"], "want a duration"),
+    (["-health.bucket-range=rtt=2:1"], "0 < low < high"),
+    (["-remote-write.url=ftp://prometheus/api/v1/write"], "bad remote-write URL"),
+    (["-remote-write.url=http://p:9090/w", "-remote-write.interval=2h"], "between 1s and 1h"),
+    (["-remote-write.url=http://p:9090/w", "-remote-write.interval=10s",
+      "-remote-write.max-age=5s"], "max-age must be at least"),
+])
+def test_health_and_remote_write_settings_that_cannot_work_are_refused(argv, message):
+    with pytest.raises(FlagError, match=message):
+        parse(argv, {})
+
+
+def test_health_and_remote_write_settings_reach_their_configs():
+    config = parse(["-health.labels=service,cc", "-health.service=https=443,web=8000-8099",
+                    "-health.sample-interval=0", "-remote-write.url=http://p:9090/api/v1/write",
+                    "-remote-write.instance=edge-1"], {})
+    health = config.health_config()
+    assert health.labels == ("service", "cc") and health.sample_interval_ns == 0
+    assert [(s.name, s.first, s.last) for s in health.services] == [("https", 443, 443),
+                                                                    ("web", 8000, 8099)]
+    push = config.remote_write_config()
+    assert push is not None and (push.url, push.instance, push.job) == \
+        ("http://p:9090/api/v1/write", "edge-1", "tcp-info")
+    assert parse([], {}).remote_write_config() is None and parse([], {}).health
+
+
 def test_every_logged_argument_is_a_value_the_flag_accepts_back():
     logged = parse(["-exclude-dstip=10.0.0.1", "-include-port=443,9000-9099",
                     "-cpu-budget=25%"], {}).arguments

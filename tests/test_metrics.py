@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.paths import tool
@@ -333,12 +334,28 @@ def test_each_response_is_whole_and_ends_its_connection():
 ])
 def test_gzip_is_sent_exactly_when_the_client_accepts_it(accept, zipped):
     response, body = request("GET", "/metrics", {"Accept-Encoding": accept})
-    assert response.getheader("Vary") == "Accept-Encoding"
+    assert response.getheader("Vary") == "Accept-Encoding, Accept"
     assert (response.getheader("Content-Encoding") == "gzip") == zipped
     assert int(response.getheader("Content-Length")) == len(body)
     text = (gzip.decompress(body) if zipped else body).decode()
     assert "tcpinfo_snapshot_total" in {f.name + "_total" for f in
                                          text_string_to_metric_families(text)}
+
+
+@pytest.mark.parametrize("accept, openmetrics", [
+    ("application/openmetrics-text; version=1.0.0", True),
+    ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1", True),
+    ("text/plain;version=0.0.4", False), ("*/*", False), ("", False),
+])
+def test_openmetrics_is_served_exactly_to_a_scraper_that_asks_for_it(accept, openmetrics):
+    response, body = request("GET", "/metrics", {"Accept": accept} if accept else {})
+    kind, text = response.getheader("Content-Type"), body.decode()
+    if openmetrics:
+        assert kind.startswith("application/openmetrics-text") and text.endswith("# EOF\n")
+        names = {f.name for f in parse_openmetrics(text)}
+        assert {"tcpinfo_snapshot", "tcpinfo_syscall_time_histogram"} <= names
+    else:
+        assert kind == "text/plain; version=0.0.4; charset=utf-8" and "# EOF" not in text
 
 
 @pytest.mark.parametrize("raw, status", [

@@ -153,6 +153,46 @@ def parse_text(text: str) -> str:
     return text
 
 
+def parse_count(text: str, what: str, low: int, high: int) -> int:
+    """A whole number (Go integer syntax) from low to high."""
+    try:
+        value = parse_go_int(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} must be a whole number between {low} and {high}") from None
+    if value < low:
+        raise ValueError(f"{what} {text!r} must be at least {low}")
+    if value > high:
+        raise ValueError(f"{what} {text!r} must be between {low} and {high}")
+    return value
+
+
+def parse_port(text: str) -> int:
+    """A TCP port 0-65535 (upstream parses signed 16-bit and cannot exclude ports >= 32768)."""
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"cannot convert port {text!r}: want 0-65535")
+    return int(text)
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """A port ("443") or an inclusive range ("9000-9099")."""
+    first, dash, last = text.partition("-")
+    try:
+        low, high = parse_port(first), parse_port(last if dash else first)
+    except ValueError:
+        raise ValueError(f"cannot convert port range {text!r}: want a port or first-last "
+                         f"within 0-65535") from None
+    if low > high:
+        raise ValueError(f"port range {text!r} is empty (first > last)")
+    return low, high
+
+
+def parse_duration_or_zero(text: str) -> int:
+    """A Go duration, or 0 ("0", "0s"), in nanoseconds: for settings where 0 means "always"."""
+    if text in ("0", "0s", "0ms"):
+        return 0
+    return parse_duration(text)
+
+
 # ---------------------------------------------------------------------------------------------
 # Flags.
 

@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 
 import tcpinfo
 from tcpinfo.archive.encode import encode_message
@@ -36,8 +37,11 @@ from tcpinfo.collector.poller import (
     Poller,
     PollResult,
 )
+from tcpinfo.collector.query import ConnectionQueries
 from tcpinfo.collector.saver import Saver
+from tcpinfo.collector.selfcheck import read_clock
 from tcpinfo.collector.stopsignals import StopSignals
+from tcpinfo.health.aggregate import Aggregator
 from tcpinfo.kernel.inetdiag import IDM, IDM_LEN, INET_DIAG_INFO, split_message
 from tcpinfo.kernel.tcp import TCP_INFO
 from tcpinfo.servers.eventserver import EventServer, NullServer
@@ -56,10 +60,22 @@ def kernel_tcp_info_length() -> int:
         return len(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1024))
 
 
-def archive_metadata(poll_interval: str) -> dict:
-    """Metadata keys added after upstream's UUID/Sequence/StartTime; upstream readers ignore them."""
-    return {"ToolVersion": f"tcpinfo {tcpinfo.__version__}", "KernelRelease": os.uname().release,
-            "TCPInfoLength": kernel_tcp_info_length(), "PollInterval": poll_interval}
+def archive_metadata(poll_interval: str) -> Callable[[], dict]:
+    """Metadata keys added after upstream's UUID/Sequence/StartTime; upstream readers ignore them.
+
+    Asked for at every new archive file, so that its Clock key is the kernel's view of the clock
+    when the file was started (one adjtimex call), not at start-up.
+    """
+    fixed = {"ToolVersion": f"tcpinfo {tcpinfo.__version__}", "KernelRelease": os.uname().release,
+             "TCPInfoLength": kernel_tcp_info_length(), "PollInterval": poll_interval}
+
+    def metadata() -> dict:
+        try:
+            clock = read_clock().metadata()
+        except OSError as err:
+            clock = {"Clock": {"Error": str(err)}}
+        return {**fixed, **clock}
+    return metadata
 
 
 class ByteRates:
@@ -127,7 +143,8 @@ class Collector:
     def __init__(self, poller: Poller, saver: Saver, events: EventServer | NullServer, prefix: str,
                  cadence: Cadence, stops: StopSignals, metrics: Metrics,
                  anonymize: Anonymizer | None = None,
-                 counted_ports: frozenset[int] = frozenset()) -> None:
+                 counted_ports: frozenset[int] = frozenset(),
+                 health: Aggregator | None = None, queries: ConnectionQueries | None = None) -> None:
         self._poller = poller
         self._saver = saver
         self._events = events
@@ -138,6 +155,8 @@ class Collector:
         self._archive = self._writer.write
         self._rates = self._writer.rates
         self._counted_ports = counted_ports
+        self._health = health
+        self._queries = queries
         self._port_of: dict[int, int] = {}
         self._stops = stops
         self._log = RateLimitedLog(log)   # recurring problems: once a minute per kind
@@ -183,6 +202,9 @@ class Collector:
         destroy_fd = self._poller.destroy_fd
         wake = self._stops.wake
         fds: list[socket.socket | int] = [wake] if destroy_fd < 0 else [wake, destroy_fd]
+        asked = self._queries.wake if self._queries is not None else None
+        if asked is not None:
+            fds.append(asked)
         now = time.monotonic_ns()
         while now < deadline and not self._stops.requested:
             readable, _, _ = select.select(fds, [], [], (deadline - now) / NS)
@@ -190,6 +212,8 @@ class Collector:
                 self._stops.clear_wake()   # signal bytes; the handler has done its work
             if destroy_fd in readable:
                 self.drain_once()
+            if asked is not None and asked in readable:
+                self._queries.answer_pending(time.time_ns())   # type: ignore[union-attr]
             now = time.monotonic_ns()
 
     def drain_once(self) -> None:
@@ -211,19 +235,28 @@ class Collector:
                 if counted:
                     self._count_port(cookie, payload)
             self._archive(payload, cookie, ts)
+        if self._health is not None:
+            self._health.observe_changes(result.changes)
         self._count_destroy(result.destroy)
         self._close_destroyed(result.destroyed)
         now_ns = time.time_ns()
         for payload, cookie, *_ in result.vanished:
             self._rates.update(cookie, _info_of(payload))
-            self._close(cookie, now_ns)
+            self._close(cookie, now_ns, payload)
         self._saver.flush_due(now_ns)
         self._count(result, new)
+        if self._queries is not None and self._queries.waiting:   # polls back to back: no wait
+            self._queries.answer_pending(now_ns)
         return result
 
-    def _close(self, cookie: int, ts: int) -> None:
-        """Ends a connection: Close event, archive written and closed, its counters forgotten."""
+    def _close(self, cookie: int, ts: int, final: bytes) -> None:
+        """Ends a connection: Close event, archive written and closed, its counters forgotten,
+        and its final snapshot counted in the health aggregates."""
         self._events.flow_deleted(ts, make_uuid(self._prefix, cookie))
+        if self._queries is not None:
+            self._queries.remember_close(cookie, final, ts)   # before the samples are forgotten
+        if self._health is not None:
+            self._health.observe_close(cookie, final, ts)
         self._saver.close_connection(cookie, ts)
         self._rates.forget(cookie)
         port = self._port_of.pop(cookie, None)
@@ -236,7 +269,7 @@ class Collector:
             if kind == SHORT:
                 self._events.flow_created(ts, make_uuid(self._prefix, cookie), payload)
             self._archive(payload, cookie, ts)
-            self._close(cookie, ts)
+            self._close(cookie, ts, payload)
 
     def _count_port(self, cookie: int, payload: bytes) -> None:
         port = int.from_bytes(payload[_SPORT:_SPORT + 2], "big")
@@ -299,6 +332,8 @@ class Collector:
         self._metrics.buffered_bytes.set(self._saver.buffered_bytes)
         self._metrics.dump_threads.set(self._poller.threads)
         self._rates.report()
+        if self._health is not None:
+            self._health.expire(time.time_ns())
         self._poller.release_memory()
 
     def _shutdown(self) -> None:

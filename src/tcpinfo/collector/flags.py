@@ -26,9 +26,13 @@ from tcpinfo.base.goflag import (
     format_mode,
     format_size,
     parse_bool,
+    parse_count,
     parse_duration,
+    parse_duration_or_zero,
     parse_go_int,
     parse_mode,
+    parse_port,
+    parse_port_range,
     parse_size,
     parse_text,
     quoted,
@@ -37,6 +41,8 @@ from tcpinfo.base.goflag import (
 from tcpinfo.collector import sockfilter
 from tcpinfo.collector.outtree import FILE_MODE
 from tcpinfo.collector.saver import Limits
+from tcpinfo.health import config as healthconf
+from tcpinfo.remotewrite import writer as remotewrite
 from tcpinfo.servers import eventserver, httpserver
 
 __all__ = ["Config", "FLAGS", "FlagError", "HelpRequested", "VersionRequested", "parse", "usage"]
@@ -46,6 +52,8 @@ MAX_CLIENTS = 65_536                   # more than any fd limit lets a server ho
 MAX_PREFIX_BYTES = 200                 # NAME_MAX 255 minus "_<cookie>.<seq>.jsonl.zst"
 MAX_SOCKET_PATH_BYTES = 107            # sun_path holds 108 bytes with the final NUL
 _LIMITS = Limits()
+_HEALTH = healthconf.HealthConfig()
+_PUSH = remotewrite.RemoteWriteConfig(url="http://defaults.invalid/")   # only its defaults are read
 
 
 @dataclass
@@ -82,9 +90,46 @@ class Config:
     output_mode: int = FILE_MODE
     eventsocket_max_clients: int = eventserver.MAX_CLIENTS
     max_connections: int = httpserver.MAX_CONNECTIONS
+    health: bool = True
+    health_labels: list[str] = field(default_factory=list)      # empty: HealthConfig's default
+    health_services: list[healthconf.Service] = field(default_factory=list)
+    health_remote_prefix: tuple[int, int] = _HEALTH.remote_prefix
+    health_remote_cidrs: list[str] = field(default_factory=list)
+    health_max_groups: int = _HEALTH.max_groups
+    health_group_ttl_ns: int = _HEALTH.group_ttl_ns
+    health_sample_interval_ns: int = _HEALTH.sample_interval_ns
+    health_per_decade: int = _HEALTH.per_decade
+    health_ranges: list[tuple[str, float, float]] = field(default_factory=list)
+    remote_write_url: str = ""
+    remote_write_interval_ns: int = _PUSH.interval_ns
+    remote_write_instance: str = ""                             # empty: the host name
+    remote_write_job: str = _PUSH.job
+    remote_write_buffer: int = _PUSH.buffer_bytes
+    remote_write_max_age_ns: int = _PUSH.max_age_ns
+    remote_write_timeout_ns: int = _PUSH.timeout_ns
     # For the startup log: "name=value" of every flag, and where a value came from.
     arguments: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def health_config(self) -> healthconf.HealthConfig:
+        """The health aggregates' settings these flags ask for; ValueError if they contradict."""
+        return healthconf.HealthConfig(
+            labels=tuple(self.health_labels) or _HEALTH.labels, services=tuple(self.health_services),
+            remote_prefix=self.health_remote_prefix, remote_cidrs=tuple(self.health_remote_cidrs),
+            max_groups=self.health_max_groups, group_ttl_ns=self.health_group_ttl_ns,
+            sample_interval_ns=self.health_sample_interval_ns, per_decade=self.health_per_decade,
+            ranges=tuple(self.health_ranges))
+
+    def remote_write_config(self) -> remotewrite.RemoteWriteConfig | None:
+        """Where to push, or None without -remote-write.url; ValueError if the settings clash."""
+        if not self.remote_write_url:
+            return None
+        extra = {"instance": self.remote_write_instance} if self.remote_write_instance else {}
+        return remotewrite.RemoteWriteConfig(
+            url=self.remote_write_url, interval_ns=self.remote_write_interval_ns,
+            job=self.remote_write_job, buffer_bytes=self.remote_write_buffer,
+            max_age_ns=self.remote_write_max_age_ns, timeout_ns=self.remote_write_timeout_ns,
+            **extra)
 
     def limits(self) -> Limits:
         """The saver's limits these flags ask for."""
@@ -104,13 +149,6 @@ def parse_reps(text: str) -> int:
 
 
 
-def parse_port(text: str) -> int:
-    """A TCP port 0-65535 (upstream parses signed 16-bit and cannot exclude ports >= 32768)."""
-    if not text.isascii() or not text.isdigit() or int(text) > 65535:
-        raise ValueError(f"cannot convert port {text!r}: want 0-65535")
-    return int(text)
-
-
 def parse_ip(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -125,19 +163,6 @@ def parse_cidr(text: str) -> str:
     except ValueError:
         raise ValueError(f"cannot convert network {text!r}: want a CIDR prefix such as "
                          f"10.0.0.0/8 or fd00::/8") from None
-
-
-def parse_port_range(text: str) -> tuple[int, int]:
-    """A port ("443") or an inclusive range ("9000-9099")."""
-    first, dash, last = text.partition("-")
-    try:
-        low, high = parse_port(first), parse_port(last if dash else first)
-    except ValueError:
-        raise ValueError(f"cannot convert port range {text!r}: want a port or first-last "
-                         f"within 0-65535") from None
-    if low > high:
-        raise ValueError(f"port range {text!r} is empty (first > last)")
-    return low, high
 
 
 def parse_cpu_budget(text: str) -> float:
@@ -174,24 +199,14 @@ def parse_listen_address(text: str) -> str:
     return text
 
 
-def _count(text: str, what: str, most: int) -> int:
-    """A positive count (Go integer syntax), at most `most`."""
-    value = parse_go_int(text)
-    if value < 1:
-        raise ValueError(f"{what} {text!r} must be at least 1")
-    if value > most:
-        raise ValueError(f"{what} {text!r} must be between 1 and {most}")
-    return value
-
-
 def parse_queue(text: str) -> int:
     """Events queued per event-socket client."""
-    return _count(text, "queue length", MAX_QUEUE)
+    return parse_count(text, "queue length", 1, MAX_QUEUE)
 
 
 def parse_cap(text: str) -> int:
     """Clients or connections served at once (lowered further to a share of the fd limit)."""
-    return _count(text, "limit", MAX_CLIENTS)
+    return parse_count(text, "limit", 1, MAX_CLIENTS)
 
 
 def parse_socket_path(text: str) -> str:
@@ -234,8 +249,25 @@ def read_prefix_file(path: str) -> str:
                          f"it starts{hint}")
     return prefix
 
+def parse_instance(text: str) -> str:
+    """-remote-write.instance: a label value, or empty for the host name."""
+    return remotewrite.parse_label_value(text) if text else ""
+
+
 def show_threads(value: int) -> str:
     return str(value or "auto")
+
+
+def show_service(service: healthconf.Service) -> str:
+    return f"{service.name}={show_port_range((service.first, service.last))}"
+
+
+def show_prefix(prefix: tuple[int, int]) -> str:
+    return f"{prefix[0]},{prefix[1]}"
+
+
+def show_range(item: tuple[str, float, float]) -> str:
+    return f"{item[0]}={item[1]!r}:{item[2]!r}"
 
 
 def show_port_range(item: tuple[int, int]) -> str:
@@ -344,6 +376,57 @@ FLAGS: tuple[Flag, ...] = (
          "Most connections open at once to the /metrics server; one more replaces the oldest "
          "still sending its request, or is closed if all are being answered (both counted). At "
          "most a quarter of the open-file limit.", metavar="int"),
+    Flag("health", "health", parse_bool,
+         "Keep low-cardinality histograms and gauges of the connections' RTT, jitter, "
+         "retransmissions, delivery rate, duration and bytes, and why-slow counts, by the groups "
+         "of -health.labels, with the UUID of a connection as each bucket's exemplar.",
+         kind="bool"),
+    Flag("health.labels", "health_labels", healthconf.parse_label,
+         "Labels of the health aggregates: family, service, port, remote, cc (default family). "
+         "Repeatable and comma-separated.", kind="list", metavar="label"),
+    Flag("health.service", "health_services", healthconf.parse_service,
+         "A named port range for the service label: name=port or name=first-last; the local port "
+         "is matched first, then the remote one, else the service is 'unlisted'. Repeatable.",
+         kind="list", metavar="name=ports", show=show_service),
+    Flag("health.remote-prefix", "health_remote_prefix", healthconf.parse_remote_prefix,
+         "IPv4,IPv6 prefix lengths of the remote label.", metavar="v4,v6", show=show_prefix),
+    Flag("health.remote-cidr", "health_remote_cidrs", healthconf.parse_remote_cidr,
+         "Prefixes the remote label takes instead of -health.remote-prefix (first match; else "
+         "'unlisted'). Repeatable and comma-separated.", kind="list", metavar="cidr"),
+    Flag("health.max-groups", "health_max_groups", healthconf.parse_max_groups,
+         "Most label sets; connections beyond them are counted in the 'other' group.",
+         metavar="int"),
+    Flag("health.group-ttl", "health_group_ttl_ns", parse_duration,
+         "A label set with no open connection and no event for this long is dropped.",
+         metavar="duration", show=format_duration),
+    Flag("health.sample-interval", "health_sample_interval_ns", parse_duration_or_zero,
+         "Least time between two RTT samples of one open connection in the snapshot histograms "
+         "and open-RTT gauges; 0: every changed snapshot.", metavar="duration",
+         show=format_duration),
+    Flag("health.buckets-per-decade", "health_per_decade", healthconf.parse_per_decade,
+         "Histogram boundaries per factor of ten.", metavar="int"),
+    Flag("health.bucket-range", "health_ranges", healthconf.parse_bucket_range,
+         "quantity=low:high of a histogram kind (rtt, ratio, rate, duration, bytes) in base "
+         "units; values at or below low are the first (underflow) bucket, above high only +Inf. "
+         "Repeatable.", kind="list", metavar="range", show=show_range),
+    Flag("remote-write.url", "remote_write_url", remotewrite.parse_url,
+         "Prometheus remote-write endpoint to push every metric to (http or https; "
+         "user:password@ for basic auth); empty: no push.", metavar="url"),
+    Flag("remote-write.interval", "remote_write_interval_ns", parse_duration,
+         "Time between two pushes, 1s to 1h.", metavar="duration", show=format_duration),
+    Flag("remote-write.instance", "remote_write_instance", parse_instance,
+         "instance label of every pushed series; empty: the host name.", metavar="string"),
+    Flag("remote-write.job", "remote_write_job", remotewrite.parse_label_value,
+         "job label of every pushed series.", metavar="string"),
+    Flag("remote-write.buffer", "remote_write_buffer", parse_size,
+         "Most compressed bytes held while the endpoint does not accept them; older batches "
+         "beyond it are dropped and counted.", metavar="size", show=format_size),
+    Flag("remote-write.max-age", "remote_write_max_age_ns", parse_duration,
+         "Batches older than this are dropped and counted instead of sent.", metavar="duration",
+         show=format_duration),
+    Flag("remote-write.timeout", "remote_write_timeout_ns", parse_duration,
+         "Longest wait for the endpoint's answer to one push, at most 1m.", metavar="duration",
+         show=format_duration),
 )
 
 
@@ -366,5 +449,10 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
                             f"-uuid-prefix-file: {err}") from None
     if not config.flush_size <= config.conn_buffer_limit <= config.buffer_limit:
         raise FlagError("want -flush-size <= -conn-buffer-limit <= -buffer-limit")
+    try:
+        config.health_config()
+        config.remote_write_config()
+    except ValueError as err:
+        raise FlagError(str(err)) from None
     config.arguments = [f"{f.name}={show(f, getattr(config, f.attr))}" for f in FLAGS]
     return config

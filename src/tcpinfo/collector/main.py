@@ -8,6 +8,7 @@ flag and value at fault.
 from __future__ import annotations
 
 import cProfile
+import functools
 import logging
 import marshal
 import os
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from tcpinfo import __version__
-from tcpinfo.archive.uuids import default_prefix
+from tcpinfo.archive.uuids import default_prefix, make_uuid
 from tcpinfo.base.goflag import format_duration
 from tcpinfo.collector import flags, shares
 from tcpinfo.collector.anonymize import make_anonymizer
@@ -24,9 +25,13 @@ from tcpinfo.collector.daemon import Collector, archive_metadata
 from tcpinfo.collector.metrics import Metrics, daemon_registry
 from tcpinfo.collector.outtree import directory_mode, make_output_dir, replace_file
 from tcpinfo.collector.poller import Poller
+from tcpinfo.collector.query import ConnectionQueries
 from tcpinfo.collector.saver import Saver
+from tcpinfo.collector.selfcheck import SelfCheckMetrics, self_report
 from tcpinfo.collector.sockfilter import Filter
 from tcpinfo.collector.stopsignals import StopSignals
+from tcpinfo.health.aggregate import Aggregator
+from tcpinfo.remotewrite.writer import RemoteWriter
 from tcpinfo.servers import httpserver
 from tcpinfo.servers.eventserver import EventServer, NullServer
 
@@ -116,17 +121,19 @@ def metrics_url(host: str, port: int) -> str:
     return f"{url} ({where})" if where else url
 
 
-def start_metrics(listen_address: str, max_connections: int, metrics: Metrics) -> None:
+def start_metrics(listen_address: str, max_connections: int,
+                  metrics: Metrics) -> httpserver.HTTPServer | None:
     """Serves the daemon's registry at /metrics, unless the listen address is empty."""
     if not listen_address:
-        return
+        return None
     try:
-        host, port = httpserver.serve(listen_address, metrics.registry, metrics.http,
-                                      max_connections).address
+        server = httpserver.serve(listen_address, metrics.registry, metrics.http, max_connections)
+        host, port = server.address
     except OSError as err:
         raise StartError(f"-prometheusx.listen-address {listen_address!r}: "
                          f"{err.strerror or err}") from None
     log.info("Serving metrics on %s", metrics_url(host, port))
+    return server
 
 
 def make_poller(config: flags.Config, metrics: Metrics) -> Poller:
@@ -183,23 +190,53 @@ def start_events(config: flags.Config, metrics: Metrics) -> EventServer | NullSe
     return events
 
 
+def start_remote_write(config: flags.Config, metrics: Metrics) -> RemoteWriter | None:
+    """The push of every series to -remote-write.url, or None without one."""
+    push = config.remote_write_config()
+    if push is None:
+        return None
+    writer = RemoteWriter(push, metrics.registry, metrics.registry)
+    try:
+        writer.start()
+    except (OSError, RuntimeError) as err:
+        raise StartError(f"-remote-write.url: cannot start the push thread: {err}") from None
+    return writer
+
+
 def run(config: flags.Config, stops: StopSignals) -> int:
     """Builds the collector from the configuration and runs it until it stops."""
     prepare_output(config.output, config.output_mode)
     prefix = default_prefix() if config.uuid_prefix is None else config.uuid_prefix
     metrics = Metrics(daemon_registry())
+    report = self_report()
+    for line in report.log_lines():
+        log.info("%s", line)
+    SelfCheckMetrics(report, metrics.registry)
+    health = (Aggregator(config.health_config(), metrics.registry,
+                         functools.partial(make_uuid, prefix)) if config.health else None)
     saver = Saver(os.getcwd(), prefix, metrics, config.limits(),
                   archive_metadata(format_duration(config.poll_interval_ns)), config.output_mode)
-    start_metrics(config.listen_address, config.max_connections, metrics)
+    http = start_metrics(config.listen_address, config.max_connections, metrics)
     poller = make_poller(config, metrics)
+    queries = ConnectionQueries(prefix, poller, health)
+    try:
+        writer = start_remote_write(config, metrics)
+    except StartError:
+        poller.close()
+        raise
     try:
         events = start_events(config, metrics)   # last: nothing after it can fail and leave it
     except StartError:
+        if writer is not None:
+            writer.stop()
         poller.close()
         raise
     collector = Collector(poller, saver, events, prefix,
                           Cadence(config.poll_interval_ns, config.cpu_budget), stops, metrics,
-                          make_anonymizer(config.anonymize_ip), frozenset(config.count_port))
+                          make_anonymizer(config.anonymize_ip), frozenset(config.count_port),
+                          health, queries)
+    if http is not None:
+        http.queries = queries.ask   # GET /v1/connections/<uuid> from now on
     profiler = cProfile.Profile() if config.trace else None
     if profiler is not None:
         profiler.enable()
@@ -211,6 +248,8 @@ def run(config: flags.Config, stops: StopSignals) -> int:
             profiler.create_stats()   # Profile.dump_stats would write through a planted link
             replace_file(TRACE_FILE, marshal.dumps(profiler.stats), config.output_mode)
             log.info("Wrote the profile to %s", os.path.abspath(TRACE_FILE))
+        if writer is not None:
+            writer.stop()   # a last push: every series ends with a stale marker
     log.info("Done after %d polls", collector.polls)
     return 0
 

@@ -126,6 +126,7 @@ class Poller:
             raise OSError(err[0], f"cannot open NETLINK_SOCK_DIAG socket: {os.strerror(err[0])}")
         self._core = ffi.gc(core, lib.tcpi_core_free)
         self._out = ffi.new("struct tcpi_poll_result **")
+        self._snapshot_buf = ffi.new("uint8_t[]", 2048)
         lib.tcpi_set_request(self._core, ext, states)
         self.destroy_fd = -1
         self.threads = 1
@@ -335,6 +336,15 @@ class Poller:
                           DestroyStats(*(getattr(res.destroy, name)   # same names as in C
                                          for name in DestroyStats._fields)),
                           res.tracked)
+
+    def snapshot(self, cookie: int) -> bytes | None:
+        """The last message the polls reported for an open connection, or None (not open, or
+        not tracked); from the poll thread only, which owns the core's table."""
+        n = lib.tcpi_snapshot(self._core, cookie, self._snapshot_buf, len(self._snapshot_buf))
+        if n < 0:
+            self._snapshot_buf = ffi.new("uint8_t[]", -n)
+            n = lib.tcpi_snapshot(self._core, cookie, self._snapshot_buf, len(self._snapshot_buf))
+        return ffi.unpack(ffi.cast("char *", self._snapshot_buf), n) if n > 0 else None
 
     def forget_all(self) -> None:
         """Drops every snapshot: the next poll reports every socket as new."""

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zstandard
@@ -78,7 +79,10 @@ class Saver:
     """
 
     def __init__(self, root: str, prefix: str, metrics: Metrics, limits: Limits = Limits(),
-                 extra_metadata: dict | None = None, file_mode: int = FILE_MODE) -> None:
+                 extra_metadata: dict | Callable[[], dict] | None = None,
+                 file_mode: int = FILE_MODE) -> None:
+        """`extra_metadata`: Metadata keys after upstream's three, or what makes them, asked
+        for at every new file (a clock reading belongs to the file it starts)."""
         self._metrics = metrics
         self._tree = OutputTree(root, metrics.unsafe_paths, file_mode)
         self._prefix = prefix
@@ -271,8 +275,8 @@ class Saver:
         except FileNotFoundError:   # the open day directory was removed: look it up again
             self._tree.forget(conn.day)
             fd, inode, dir_fd, name = self._new_file(conn, now_ns)
-        header = encode_header(make_uuid(self._prefix, conn.cookie), conn.seq, conn.start_ns,
-                               self._extra)
+        extra = self._extra() if callable(self._extra) else self._extra
+        header = encode_header(make_uuid(self._prefix, conn.cookie), conn.seq, conn.start_ns, extra)
         try:
             _write_all(fd, self._zstd.compress(b"".join([header, *lines])))
             conn.inode = inode   # appends check that the file is still this one

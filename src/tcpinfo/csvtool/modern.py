@@ -42,22 +42,29 @@ def modern_fields(line: bytes) -> tuple[dict[str, object] | None, dict | None]:
         if d.metadata is None:
             raise ValueError("record has neither Metadata nor RawIDM")
         return None, d.metadata
-    idm = decode_idm(d.raw_idm)
     fields: dict[str, object] = {}
     if d.ts_ns != ZERO_TIME_NS or d.offset_s:
         fields["timestamp"] = format_time(d.ts_ns, d.offset_s)
-    fields.update({
+    fields.update(message_fields(d.raw_idm, d.attributes))
+    return fields, d.metadata
+
+
+def message_fields(raw_idm: bytes, attributes: list[bytes | None] | None) -> dict[str, object]:
+    """One snapshot's inet_diag_msg and attributes by the modern schema's names (no timestamp):
+    what csvtool prints and what the collector's query answer shows."""
+    idm = decode_idm(raw_idm)
+    fields: dict[str, object] = {
         "idm.family": idm.family, "idm.state": idm.state, "idm.state_name": state_name(idm.state),
         "idm.timer": idm.timer, "idm.retrans": idm.retrans, "idm.sport": idm.sport, "idm.dport": idm.dport,
         "idm.src": idm.src, "idm.dst": idm.dst, "idm.interface": idm.interface, "idm.cookie": idm.cookie,
         "idm.expires": idm.expires, "idm.rqueue": idm.rqueue, "idm.wqueue": idm.wqueue,
         "idm.uid": idm.uid, "idm.inode": idm.inode,
-    })
-    if d.attributes:
-        if d.attributes[INET_DIAG_CONG:INET_DIAG_CONG + 1] == [b""]:
+    }
+    if attributes:
+        if attributes[INET_DIAG_CONG:INET_DIAG_CONG + 1] == [b""]:
             raise ValueError("empty CONG attribute")
-        fields.update(decode_attributes(d.attributes))
-    return fields, d.metadata
+        fields.update(decode_attributes(attributes))
+    return fields
 
 
 class ModernConverter:

@@ -39,6 +39,7 @@ from prometheus_client.utils import floatToGoString
 
 from tcpinfo.base.ratelog import RateLimitedLog
 from tcpinfo.health.config import OTHER, UNKNOWN, UNLISTED, HealthConfig
+from tcpinfo.health.connection import CLASSES, summarize
 from tcpinfo.kernel.inetdiag import (
     AF_INET,
     AF_INET6,
@@ -72,9 +73,17 @@ def _fields(*names: str) -> tuple:
 
 
 _SNAP, _SNAP_START, _SNAP_END, _ = _fields("rtt", "rttvar")
+_BUSY, _BUSY_START, _BUSY_END, _ = _fields("busy_time")
 _FINAL, _FINAL_START, _FINAL_END, _FINAL_NAMES = _fields(
     "rtt", "min_rtt", "delivery_rate", "bytes_acked", "bytes_received", "bytes_sent",
-    "bytes_retrans")
+    "bytes_retrans", "busy_time", "rwnd_limited", "sndbuf_limited", "data_segs_out",
+    "total_retrans")
+# The final counters the why-slow rule reads, by the names of health.connection's AGGREGATES.
+_WHY_FIELDS = (("busy_us", "busy_time"), ("rwnd_limited_us", "rwnd_limited"),
+               ("sndbuf_limited_us", "sndbuf_limited"), ("bytes_acked", "bytes_acked"),
+               ("bytes_received", "bytes_received"), ("bytes_sent", "bytes_sent"),
+               ("bytes_retrans", "bytes_retrans"), ("data_segs_out", "data_segs_out"),
+               ("total_retrans", "total_retrans"))
 
 # The histograms: (name, help, quantity whose buckets it uses).  Indexes below name them.
 HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
@@ -109,12 +118,13 @@ SKIP_REASONS = ("malformed", "unmatched_close")
 class _Group:
     """One label set: its open count, closed count and the histograms' bins (not cumulative)."""
 
-    __slots__ = ("labels", "open", "closed", "last_ns", "counts", "sums", "exemplars")
+    __slots__ = ("labels", "open", "closed", "why", "last_ns", "counts", "sums", "exemplars")
 
     def __init__(self, labels: tuple[str, ...], sizes: list[int], now_ns: int) -> None:
         self.labels = labels
         self.open = 0
         self.closed = 0
+        self.why = dict.fromkeys(CLASSES, 0)    # closed connections by why-slow class
         self.last_ns = now_ns
         self.counts = [[0] * (n + 1) for n in sizes]      # the last bin is the overflow bin
         self.sums = [0.0] * len(sizes)
@@ -150,7 +160,9 @@ class Aggregator(Collector):
         self._cidrs = [(net.version, int(net.netmask), int(net.network_address), str(net))
                        for net in map(ipaddress.ip_network, config.remote_cidrs)]
         self._prefix_text: dict[tuple[int, int], str] = {}
-        self._open: dict[int, list] = {}   # cookie -> [last sample ns, group, first ns, rtt s]
+        # cookie -> [last sample ns, group, first ns, rtt s, busy_time µs of the first snapshot,
+        #            sampled rtt µs: min, max, sum, count]
+        self._open: dict[int, list] = {}
         self._groups: dict[tuple[str, ...], _Group] = {}
         self._other: _Group | None = None
         self._overflow = 0
@@ -190,7 +202,9 @@ class Aggregator(Collector):
             if conn is None:
                 if IDM_HOST.unpack_from(payload)[1] == LISTEN:
                     return                      # a listener is not a connection
-                conn = [ts, self._group_of(payload, ts), ts, None]
+                busy = (_BUSY.unpack_from(payload, off + _BUSY_START)[0]
+                        if off >= 0 and length >= _BUSY_END else None)
+                conn = [ts, self._group_of(payload, ts), ts, None, busy, None, None, 0, 0]
                 with self._lock:
                     self._open[cookie] = conn
                     conn[1].open += 1
@@ -206,6 +220,10 @@ class Aggregator(Collector):
             return
         rtt = rtt_us / 1e6
         uuid, ts_s, group = self._uuid_of(cookie), ts / NS, conn[1]
+        conn[5] = rtt_us if conn[5] is None else min(conn[5], rtt_us)
+        conn[6] = rtt_us if conn[6] is None else max(conn[6], rtt_us)
+        conn[7] += rtt_us
+        conn[8] += 1
         with self._lock:
             conn[3] = rtt
             group.last_ns = ts
@@ -219,12 +237,12 @@ class Aggregator(Collector):
             conn = self._open.pop(cookie, None)
             if conn is not None:
                 conn[1].open -= 1
-        final = None
+        info = None
         try:
             if payload is not None:
                 if conn is None and IDM_HOST.unpack_from(payload)[1] == LISTEN:
                     return
-                final = _final_values(payload)
+                info = _final_info(payload)
                 group = conn[1] if conn is not None else self._group_of(payload, timestamp_ns)
             elif conn is None:
                 self._skip("unmatched_close", f"cookie {cookie:#x}")
@@ -238,15 +256,17 @@ class Aggregator(Collector):
             group = conn[1]
         uuid, ts_s = self._uuid_of(cookie), timestamp_ns / NS
         bounds = self._bounds
+        why = _why_slow(info, conn, timestamp_ns)
         with self._lock:
             group.closed += 1
+            group.why[why] += 1
             group.last_ns = timestamp_ns
             if conn is not None:
                 duration = max(timestamp_ns - conn[2], 0) / NS
                 group.observe(H_DURATION, bounds[H_DURATION], duration, uuid, ts_s)
-            if final is None:
+            if info is None:
                 return
-            for h, value in final:
+            for h, value in _final_values(info):
                 group.observe(h, bounds[h], value, uuid, ts_s)
 
     def expire(self, now_ns: int) -> None:
@@ -262,6 +282,16 @@ class Aggregator(Collector):
             if other is not None and other.open == 0 and now_ns - other.last_ns >= ttl:
                 self._other = None
                 self._evicted += 1
+
+    def seen(self, cookie: int) -> dict[str, int | None] | None:
+        """What the samples of an open connection said, by the names of health.connection's
+        AGGREGATES (first snapshot's time and busy_time, sampled RTT min/max/sum/count), for a
+        query's derived values; None if the connection is not open here."""
+        conn = self._open.get(cookie)
+        if conn is None:
+            return None
+        return {"first_ns": conn[2], "busy_first_us": conn[4], "rtt_min_us": conn[5],
+                "rtt_max_us": conn[6], "rtt_sum_us": conn[7], "rtt_samples": conn[8]}
 
     @property
     def open_connections(self) -> int:
@@ -344,7 +374,7 @@ class Aggregator(Collector):
             if self._other is not None:
                 groups.append(self._other)
             copies = [(g, g.open, g.closed, [list(c) for c in g.counts], list(g.sums),
-                       [list(e) for e in g.exemplars]) for g in groups]
+                       [list(e) for e in g.exemplars], dict(g.why)) for g in groups]
             conns = list(self._open.values())
             counters = (self._overflow, self._evicted, dict(self._skipped))
         rtts: dict[_Group, list[float]] = {}
@@ -369,7 +399,7 @@ class Aggregator(Collector):
         for h, (name, doc, _) in enumerate(HISTOGRAMS):
             family = HistogramMetricFamily(name, doc, labels=names)
             le = self._le[h]
-            for group, _open, _closed, counts, sums, exemplars in copies:
+            for group, _open, _closed, counts, sums, exemplars, _why in copies:
                 buckets: list[tuple] = []
                 total = 0
                 for i, n in enumerate(counts[h]):
@@ -385,20 +415,28 @@ class Aggregator(Collector):
                                        "Open connections by health group.", labels=names)
         closed = CounterMetricFamily("tcpinfo_health_closed_connections",
                                      "Closed connections by health group.", labels=names)
+        why_slow = CounterMetricFamily(
+            "tcpinfo_health_closed_why_slow",
+            "Closed connections by health group and what limited their sending, from the "
+            "kernel's final counters (docs/why-slow.md): application, receive_window, "
+            "send_buffer, network, unknown.", labels=[*names, "class"])
         stats = [GaugeMetricFamily(f"tcpinfo_health_open_rtt_{stat}_seconds",
                                    f"{stat.capitalize()} current smoothed RTT of the group's open "
                                    f"connections that have one (sampled at most every "
                                    f"-health.sample-interval).", labels=names)
                  for stat in ("min", "max", "mean")]
-        for group, n_open, n_closed, *_ in copies:
+        for group, n_open, n_closed, *_, copy_why in copies:
             open_conns.add_metric(group.labels, n_open)
             closed.add_metric(group.labels, n_closed)
+            for cls, n in copy_why.items():
+                why_slow.add_metric([*group.labels, cls], n)
             seen = rtts.get(group)
             if seen is not None:
                 for gauge, value in zip(stats, (seen[0], seen[1], seen[2] / seen[3])):
                     gauge.add_metric(group.labels, value)
         yield open_conns
         yield closed
+        yield why_slow
         yield from stats
         overflow, evicted, skipped = counters or (0, 0, {})
         yield GaugeMetricFamily("tcpinfo_health_groups", "Health label sets in use (the "
@@ -421,15 +459,29 @@ class Aggregator(Collector):
         yield skipped_family
 
 
-def _final_values(payload: bytes) -> list[tuple[int, float]] | None:
-    """(histogram, value) pairs of a connection's final tcp_info; None without tcp_info."""
+def _final_info(payload: bytes) -> dict[str, int] | None:
+    """The final tcp_info fields the closed-connection aggregates read; None without tcp_info."""
     off, length = attribute_span(payload, INET_DIAG_INFO)
     if off < 0:
         return None
     if length >= _FINAL_END:
-        info = dict(zip(_FINAL_NAMES, _FINAL.unpack_from(payload, off + _FINAL_START)))
-    else:                                   # an older kernel's shorter tcp_info
-        info = TCP_INFO.decode(payload[off:off + length])
+        return dict(zip(_FINAL_NAMES, _FINAL.unpack_from(payload, off + _FINAL_START)))
+    return TCP_INFO.decode(payload[off:off + length])   # an older kernel's shorter tcp_info
+
+
+def _why_slow(info: dict[str, int] | None, conn: list | None, ts: int) -> str:
+    """The why-slow class of a closed connection: the rule of health.connection, fed its final
+    counters and what its first snapshot said (busy time and time, if a poll saw it open)."""
+    values: dict[str, int | None] = {"rows": 1, "last_ns": ts}
+    if conn is not None:
+        values["first_ns"], values["busy_first_us"] = conn[2], conn[4]
+    if info is not None:
+        values.update((name, info.get(field)) for name, field in _WHY_FIELDS)
+    return summarize(values).why_slow
+
+
+def _final_values(info: dict[str, int]) -> list[tuple[int, float]]:
+    """(histogram, value) pairs of a connection's final tcp_info."""
     out: list[tuple[int, float]] = []
     min_rtt, rtt = info.get("min_rtt"), info.get("rtt")
     if min_rtt and min_rtt != NO_MIN_RTT:

@@ -2,9 +2,8 @@
 
 Each ``parse_*`` takes one flag value (or one item of a list flag) as typed and returns it parsed,
 or raises ValueError with a one-line reason, as the daemon's flag table expects; ``HealthConfig``
-checks the choices against each other.  FLAGS lists the proposed flags (name, Config attribute,
-parser, kind, usage) for the daemon's flag table; ``duration`` parsers are the flag layer's Go
-durations, in nanoseconds.
+checks the choices against each other; tcp-info's flag table (tcpinfo.collector.flags) names the
+flags and reads its defaults from HealthConfig.
 
 Cardinality is the reason for every limit here: each label set costs about 230 series (nine
 histograms, four gauges, a counter), so the set of label names is small and closed, a service is
@@ -16,6 +15,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from tcpinfo.base.goflag import parse_count, parse_port_range
 from tcpinfo.health.buckets import log_buckets
 
 SECOND = 1_000_000_000
@@ -61,22 +61,13 @@ def parse_label(text: str) -> str:
     return text
 
 
-def _port(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) > 65535:
-        raise ValueError(f"cannot convert port {text!r}: want 0-65535")
-    return int(text)
-
-
 def parse_service(text: str) -> Service:
     """One -health.service item: ``name=port`` or ``name=first-last`` (``https=443``)."""
     name, eq, ports = text.partition("=")
     if not eq or not _NAME.fullmatch(name) or name in RESERVED_VALUES:
         raise ValueError(f"bad service {text!r}: want name=port or name=first-last, the name "
                          f"1-64 of A-Z a-z 0-9 _ . : - and not {', '.join(RESERVED_VALUES)}")
-    first, dash, last = ports.partition("-")
-    low, high = _port(first), _port(last if dash else first)
-    if low > high:
-        raise ValueError(f"service {text!r}: port range is empty (first > last)")
+    low, high = parse_port_range(ports)
     return Service(name, low, high)
 
 
@@ -98,20 +89,14 @@ def parse_remote_cidr(text: str) -> str:
                          f"10.0.0.0/8 or 2001:db8::/32") from None
 
 
-def _count(text: str, what: str, low: int, high: int) -> int:
-    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
-        raise ValueError(f"{what} {text!r}: want a whole number from {low} to {high}")
-    return int(text)
-
-
 def parse_max_groups(text: str) -> int:
     """-health.max-groups: label sets kept before connections overflow into ``other``."""
-    return _count(text, "max groups", 1, MAX_GROUPS)
+    return parse_count(text, "max groups", 1, MAX_GROUPS)
 
 
 def parse_per_decade(text: str) -> int:
     """-health.buckets-per-decade: histogram boundaries per factor of ten."""
-    return _count(text, "buckets per decade", 1, 10)
+    return parse_count(text, "buckets per decade", 1, 10)
 
 
 def parse_bucket_range(text: str) -> tuple[str, float, float]:
@@ -174,34 +159,3 @@ class HealthConfig:
             if name == quantity:
                 low, high = first, last
         return log_buckets(low, high, self.per_decade)
-
-
-FLAGS: tuple[tuple[str, str, str, str, str], ...] = (
-    ("health", "health", "bool", "bool",
-     "Keep low-cardinality histograms and gauges of the connections' RTT, retransmissions, "
-     "delivery rate, duration and bytes, by the groups of -health.labels (default true)."),
-    ("health.labels", "health_labels", "parse_label", "list",
-     "Labels of the health aggregates: family, service, port, remote, cc (default family)."),
-    ("health.service", "health_services", "parse_service", "list",
-     "A named port range for the service label: name=port or name=first-last; the local port "
-     "is matched first, then the remote one, else the service is 'unlisted'."),
-    ("health.remote-prefix", "health_remote_prefix", "parse_remote_prefix", "value",
-     "IPv4,IPv6 prefix lengths of the remote label (default 24,48)."),
-    ("health.remote-cidr", "health_remote_cidrs", "parse_remote_cidr", "list",
-     "Prefixes the remote label takes instead of -health.remote-prefix (first match; else "
-     "'unlisted')."),
-    ("health.max-groups", "health_max_groups", "parse_max_groups", "value",
-     "Most label sets; connections beyond them are counted in the 'other' group (default 50)."),
-    ("health.group-ttl", "health_group_ttl_ns", "duration", "value",
-     "A label set with no open connection and no event for this long is dropped (default 10m)."),
-    ("health.sample-interval", "health_sample_interval_ns", "duration", "value",
-     "Least time between two RTT samples of one open connection in the snapshot histograms "
-     "and open-RTT gauges; 0: every changed snapshot (default 1s)."),
-    ("health.buckets-per-decade", "health_per_decade", "parse_per_decade", "value",
-     "Histogram boundaries per factor of ten (default 3)."),
-    ("health.bucket-range", "health_ranges", "parse_bucket_range", "list",
-     "quantity=low:high of a histogram kind (rtt, ratio, rate, duration, bytes) in base units; "
-     "values at or below low are the first (underflow) bucket, above high only +Inf."),
-)
-"""Proposed flags: (name, Config attribute, parser in this module or the flag layer's kind,
-kind, usage).  The remote-write flags are remotewrite.FLAGS."""

@@ -119,26 +119,6 @@ class RemoteWriteConfig:
             raise ValueError("-remote-write.buffer must be at least 4KiB")
 
 
-FLAGS: tuple[tuple[str, str, str, str, str], ...] = (
-    ("remote-write.url", "remote_write_url", "parse_url", "value",
-     "Prometheus remote-write endpoint to push the metrics to (http or https; user:password@ "
-     "for basic auth); empty: no push."),
-    ("remote-write.interval", "remote_write_interval_ns", "duration", "value",
-     "Time between two pushes, 1s to 1h (default 15s)."),
-    ("remote-write.instance", "remote_write_instance", "parse_label_value", "value",
-     "instance label of every pushed series (default: the host name)."),
-    ("remote-write.job", "remote_write_job", "parse_label_value", "value",
-     "job label of every pushed series (default tcp-info)."),
-    ("remote-write.buffer", "remote_write_buffer", "size", "value",
-     "Most compressed bytes held while the endpoint does not accept them; the oldest batches "
-     "beyond it are dropped and counted; the newest batch is kept whatever its size "
-     "(default 64MiB)."),
-    ("remote-write.max-age", "remote_write_max_age_ns", "duration", "value",
-     "Batches older than this are dropped and counted instead of sent (default 1h)."),
-    ("remote-write.timeout", "remote_write_timeout_ns", "duration", "value",
-     "Longest wait for the endpoint's answer to one push, at most 1m (default 10s)."),
-)
-"""Proposed flags, in the shape of config.FLAGS."""
 
 
 # --- protobuf (prometheus/prompb: WriteRequest, TimeSeries, Label, Sample) ----------------------

@@ -26,14 +26,15 @@ import os
 import re
 import selectors
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from tcpinfo.base.ratelog import RateLimitedLog
 from tcpinfo.servers.selectloop import Acceptor, Loop, consume, fd_share
@@ -46,6 +47,8 @@ scrape that comes with them waits its turn instead of a SYN retry (Go listens wi
 MAX_HEADER = 8192
 """Most bytes of request line and headers a client may send."""
 METRICS_PATH = "/metrics"
+QUERY_PATH = "/v1/connections/"
+MAX_UUID = 256
 MAX_CONNECTIONS = 32
 """Connections open at once, by default (-prometheusx.max-connections)."""
 GENERATION_SHARE = 0.2
@@ -55,6 +58,11 @@ STATUS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allo
 DROP_REASONS = ("timeout", "evicted", "limit")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_PERCENT = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*")
+
+Queries = Callable[[str, Callable[[int, bytes], None]], None]
+"""Who answers GET /v1/connections/<uuid>: (uuid, reply(status, json body))."""
 
 
 @dataclass(frozen=True)
@@ -69,16 +77,18 @@ class Counters:
 class _Conn:
     """One client connection: what it sent so far, or the response it is being sent."""
 
-    __slots__ = ("sock", "state", "inbuf", "out", "deadline", "head_only", "gzip", "handler")
+    __slots__ = ("sock", "state", "inbuf", "out", "deadline", "head_only", "gzip", "encoder",
+                 "handler")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
-        self.state = "reading"   # then "waiting" (for an exposition), "writing"
+        self.state = "reading"   # then "waiting" (an exposition) or "answering" (a query), "writing"
         self.inbuf = bytearray()
         self.out: list[bytes | memoryview] = []
         self.deadline = deadline
         self.head_only = False
         self.gzip = False
+        self.encoder = choose_encoder("")   # the text format (0.0.4) unless asked for another
         self.handler: Callable[[int], None]   # set by the server once the connection is admitted
 
 
@@ -86,8 +96,16 @@ class HTTPServer:
     """Serves a registry's exposition at /metrics on (host, port) from one thread."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, counters: Counters,
-                 max_connections: int = MAX_CONNECTIONS, timeout: float = 10.0) -> None:
-        """Binds at once, so a taken port is an OSError here; `start()` begins serving."""
+                 max_connections: int = MAX_CONNECTIONS, timeout: float = 10.0,
+                 queries: Queries | None = None) -> None:
+        """Binds at once, so a taken port is an OSError here; `start()` begins serving.
+
+        `queries(uuid, reply)`, if given (or set later), answers GET /v1/connections/<uuid>: it is called on the
+        server's thread and must not block; `reply(status, json)` may come from any thread,
+        within the timeout (else the request is dropped as a timeout)."""
+        self.queries = queries
+        self._answers: list[tuple[_Conn, int, bytes]] = []
+        self._answers_lock = threading.Lock()
         if max_connections < 1:
             raise ValueError(f"connection limit must be at least 1, not {max_connections}")
         self._registry = registry
@@ -133,6 +151,13 @@ class HTTPServer:
     # --- everything below runs on the loop's thread ---
 
     def _woken(self) -> None:
+        with self._answers_lock:
+            answers, self._answers = self._answers, []
+        for conn, status, body in answers:
+            if conn.state == "answering" and conn.sock.fileno() != -1:
+                del self._writing[conn]   # waited there with the response deadline
+                conn.state = "answered"
+                self._respond(conn, status, body, _JSON)
         if not self._closing:
             return
         self._acceptor.close()
@@ -192,11 +217,38 @@ class HTTPServer:
         conn.head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
             self._respond(conn, 405, extra="Allow: GET, HEAD\r\n")
+        elif path.startswith(QUERY_PATH) and self.queries is not None:
+            self._ask(conn, path[len(QUERY_PATH):])
         elif path != METRICS_PATH:
             self._respond(conn, 404, b"404 page not found\n")
         else:
             conn.gzip = accepts_gzip(headers.get("accept-encoding", ""))
+            conn.encoder = choose_encoder(headers.get("accept", ""))
             self._wait_for_exposition(conn)
+
+    def _ask(self, conn: _Conn, quoted_uuid: str) -> None:
+        """A connection query: refused here if malformed, else handed to `queries`."""
+        try:
+            uuid = unquote(quoted_uuid, errors="strict") if _PERCENT.fullmatch(quoted_uuid) else ""
+        except UnicodeDecodeError:
+            uuid = ""
+        if not uuid or len(uuid) > MAX_UUID or "/" in uuid or not uuid.isprintable():
+            self._respond(conn, 400, b'{"error": "want /v1/connections/<uuid>: one path segment, '
+                          b'printable, at most 256 characters"}\n', _JSON)
+            return
+        del self._reading[conn]
+        conn.state = "answering"
+        conn.deadline = time.monotonic() + self._timeout
+        self._writing[conn] = None
+        self._loop.forget(conn.sock)
+        self._arm_expiry()
+        self.queries(uuid, functools.partial(self._answered, conn))   # type: ignore[misc]
+
+    def _answered(self, conn: _Conn, status: int, body: bytes) -> None:
+        """From any thread: the answer to a query, sent by the server's thread."""
+        with self._answers_lock:
+            self._answers.append((conn, status, body))
+        self._loop.wake()
 
     def _wait_for_exposition(self, conn: _Conn) -> None:
         """Parks a /metrics request until the next exposition, which it shares with others."""
@@ -212,23 +264,23 @@ class HTTPServer:
         self._generation_armed = False
         waiting, self._waiting = self._waiting, []
         started = time.monotonic()
-        try:
-            body = generate_latest(self._registry)
-        except Exception:
-            self._log(logging.ERROR, "generate", "/metrics: cannot generate the exposition",
-                      exc_info=True)
-            for conn in waiting:
-                self._respond(conn, 500, b"cannot generate the exposition\n")
-            return
-        zipped = b""
+        bodies: dict[tuple[str, bool], bytes] = {}   # (format, gzipped) -> the shared response
         for conn in waiting:
-            if conn.gzip:
-                zipped = zipped or gzip.compress(body, compresslevel=6, mtime=0)
-                self._respond(conn, 200, zipped, CONTENT_TYPE_PLAIN_0_0_4,
-                              "Content-Encoding: gzip\r\nVary: Accept-Encoding\r\n")
-            else:
-                self._respond(conn, 200, body, CONTENT_TYPE_PLAIN_0_0_4,
-                              "Vary: Accept-Encoding\r\n")
+            generate, content_type = conn.encoder
+            key = (content_type, conn.gzip)
+            try:
+                if key not in bodies:
+                    plain = bodies.get((content_type, False)) or generate(self._registry)
+                    bodies[(content_type, False)] = plain
+                    bodies[key] = gzip.compress(plain, compresslevel=6, mtime=0) if conn.gzip else plain
+            except Exception:
+                self._log(logging.ERROR, "generate", "/metrics: cannot generate the exposition",
+                          exc_info=True)
+                self._respond(conn, 500, b"cannot generate the exposition\n")
+                continue
+            encoding = "Content-Encoding: gzip\r\n" if conn.gzip else ""
+            self._respond(conn, 200, bodies[key], content_type,
+                          f"{encoding}Vary: Accept-Encoding, Accept\r\n")
         ended = time.monotonic()
         self._next_generation = ended + (ended - started) * (1 / GENERATION_SHARE - 1)
 
