@@ -11,8 +11,8 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "tcpinfo_core.h"
-SOURCES = ("table.c", "message.c", "filter.c", "netlink.c", "remnants.c", "poll.c", "threads.c",
-           "destroy.c", "encode.c", "csv.c")
+SOURCES = ("table.c", "message.c", "filter.c", "netlink.c", "remnants.c", "poll.c", "lookup.c",
+           "threads.c", "destroy.c", "encode.c", "csv.c")
 
 
 def _cdef_text() -> str:

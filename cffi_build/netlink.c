@@ -86,25 +86,39 @@ int family_slot(uint8_t family)
     return family == AF_INET6 ? 0 : 1;
 }
 
+/* Sends thread d's dump request for a family with its program; AF_UNSPEC asks for both
+ * families in one walk with the compat request (struct inet_diag_req, the same
+ * attributes and bytecode), taking the AF_INET6 slot's program. */
 int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t states)
 {
-    const struct program *prog = &d->prog[family_slot(family)];
+    const struct program *prog = &d->prog[family == AF_UNSPEC ? 0 : family_slot(family)];
     struct {
         struct nlmsghdr nh;
-        struct inet_diag_req_v2 req;
+        union {
+            struct inet_diag_req_v2 v2;
+            struct inet_diag_req compat;
+        } req;
         struct nlattr bc;
     } msg;
     memset(&msg, 0, sizeof(msg));
-    size_t head = offsetof(__typeof__(msg), bc);
-    msg.nh.nlmsg_len = (uint32_t)head;
-    msg.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    size_t head = sizeof(msg.nh);
     msg.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
     msg.nh.nlmsg_seq = ++d->seq;
-    msg.req.sdiag_family = family;
-    msg.req.sdiag_protocol = IPPROTO_TCP;
-    msg.req.idiag_ext = ext;
-    msg.req.idiag_states = states;
-    struct iovec iov[3] = {{&msg, head}, {&msg.bc, 0}, {prog->code, 0}};
+    if (family == AF_UNSPEC) {
+        msg.nh.nlmsg_type = TCPDIAG_GETSOCK;
+        msg.req.compat.idiag_ext = ext;
+        msg.req.compat.idiag_states = states;
+        head += sizeof(msg.req.compat);
+    } else {
+        msg.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+        msg.req.v2.sdiag_family = family;
+        msg.req.v2.sdiag_protocol = IPPROTO_TCP;
+        msg.req.v2.idiag_ext = ext;
+        msg.req.v2.idiag_states = states;
+        head += sizeof(msg.req.v2);
+    }
+    msg.nh.nlmsg_len = (uint32_t)NLMSG_ALIGN(head);
+    struct iovec iov[3] = {{&msg, msg.nh.nlmsg_len}, {&msg.bc, 0}, {prog->code, 0}};
     if (prog->len) {
         msg.bc.nla_type = INET_DIAG_REQ_BYTECODE;
         msg.bc.nla_len = (uint16_t)(NLA_HDRLEN + prog->len);
@@ -112,16 +126,23 @@ int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t states)
         iov[1].iov_len = NLA_HDRLEN;
         iov[2].iov_len = NLA_ALIGN(prog->len);  /* buffer is allocated aligned */
     }
+    return send_iov(d, iov, 3, msg.nh.nlmsg_len);
+}
+
+/* Sends one netlink datagram to the kernel (opening the socket again if a failure
+ * closed it).  Returns 0 if all of it went. */
+int send_iov(struct dumper *d, struct iovec *iov, size_t n_iov, size_t total)
+{
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
     struct msghdr mh = {.msg_name = &kernel, .msg_namelen = sizeof(kernel), .msg_iov = iov,
-                        .msg_iovlen = 3};
+                        .msg_iovlen = n_iov};
     if (d->fd < 0 && open_socket(d) < 0)
         return -1;
     ssize_t r;
     do
         r = sendmsg(d->fd, &mh, 0);
     while (r < 0 && errno == EINTR);
-    return r == (ssize_t)msg.nh.nlmsg_len ? 0 : -1;
+    return r == (ssize_t)total ? 0 : -1;
 }
 
 ssize_t recv_some(struct dumper *d, uint8_t *buf, int *truncated)

@@ -1,7 +1,7 @@
 /*
- * poll.c - one poll: each family's dump, every socket diffed against the previous
- * poll (upstream's Compare), and the sweep that reports what vanished; the core's
- * life cycle.
+ * poll.c - one poll (a sweep of every socket): each family's dump, or one walk of
+ * both, every socket diffed against the previous poll (upstream's Compare), and the
+ * sweep that reports what vanished; the core's life cycle.
  */
 #define _GNU_SOURCE
 #define TCPINFO_CORE_INTERNAL
@@ -21,8 +21,9 @@
 
 static const uint8_t FAMILIES[2] = {AF_INET6, AF_INET};   /* the order of a poll's dumps */
 
-/* Handles one inet_diag message of the dump. */
-static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
+/* Handles one inet_diag message of a dump or a look-up.  Returns -1 for lack of
+ * memory, else 0. */
+int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
                      struct tcpi_family_stats *st)
 {
     st->messages++;
@@ -71,6 +72,8 @@ static int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     e->epoch = c->epoch;
     e->since_ns = 0;
     e->family = idm_family(p);
+    if (kind != TCPI_NO_CHANGE && !e->active && c->tier.idle_lookups && tier_join(c, e) < 0)
+        return -1;
     /* An unchanged message equals the stored copy in every byte Compare reads, so
      * the copy is only renewed on a change: comparing with it is comparing with the
      * previous poll's message, as upstream does.  What it misses in between are
@@ -107,6 +110,17 @@ static void prefetch(struct tcpi_core *c, const uint8_t *b, uint32_t n)
             pos += NLMSG_ALIGN(h->nlmsg_len);
         }
     }
+}
+
+static struct tcpi_family_stats *own_stats(struct tcpi_core *c, int f);
+
+/* In one walk of both families, a message counts in its own family's stats. */
+static struct tcpi_family_stats *walked_stats(struct tcpi_core *c, const uint8_t *p, uint32_t n,
+                                              struct tcpi_family_stats *st)
+{
+    if (n < IDM_LEN)
+        return st;
+    return own_stats(c, family_slot(idm_family(p)));
 }
 
 /* Walks the netlink messages of one recv.  Returns 1 when the dump is done,
@@ -152,11 +166,11 @@ int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b, 
         }
         if (mode == STREAM) {
             /* counted when the poll thread diffs the chunk */
-        } else if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) {
+        } else if (h->nlmsg_type != (c->walking_both ? TCPDIAG_GETSOCK : SOCK_DIAG_BY_FAMILY)) {
             st->bad++;
         } else if (mode == COUNT) {
             (*count)++;
-        } else if (on_socket(c, payload, plen, st) < 0) {
+        } else if (on_socket(c, payload, plen, c->walking_both ? walked_stats(c, payload, plen, st) : st) < 0) {
             st->status = TCPI_E_NOMEM;
             return -1;
         }
@@ -191,7 +205,7 @@ static int dump(struct tcpi_core *c, struct dumper *d, uint8_t family, uint32_t 
                 struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count)
 {
     int64_t t0 = now_ns(CLOCK_MONOTONIC), waited = 0;
-    int f = family_slot(family);
+    int f = family == AF_UNSPEC ? 0 : family_slot(family);
     int rc = -1;
     memset(st, 0, sizeof(*st));
     if (send_request(d, c->ext, family, states) < 0) {
@@ -297,7 +311,7 @@ static void sweep(struct tcpi_core *c, int ok6, int ok4, int64_t now_real)
     forget_shortflows(c, now);
 }
 
-static void reset_result(struct tcpi_core *c)
+void reset_result(struct tcpi_core *c)
 {
     /* The first poll of a busy host reports every socket; do not keep that much
      * memory for the idle polls that follow. */
@@ -311,9 +325,12 @@ static void reset_result(struct tcpi_core *c)
     memset(&c->result.destroy, 0, sizeof(c->result.destroy));
     memset(&c->result.inet6, 0, sizeof(c->result.inet6));
     memset(&c->result.inet, 0, sizeof(c->result.inet));
+    memset(&c->result.lookup, 0, sizeof(c->result.lookup));
+    c->result.joined = 0;
+    c->result.one_walk = 0;
 }
 
-static void publish(struct tcpi_core *c, struct tcpi_poll_result **out)
+void publish(struct tcpi_core *c, struct tcpi_poll_result **out)
 {
     struct tcpi_poll_result *r = &c->result;
     r->records = c->changed.v;
@@ -325,6 +342,7 @@ static void publish(struct tcpi_core *c, struct tcpi_poll_result **out)
     r->data = c->arena.data;
     r->data_len = c->arena.len;
     r->tracked = c->tbl.count;
+    r->active = c->tier.n;
     *out = r;
 }
 
@@ -390,6 +408,7 @@ void tcpi_core_free(struct tcpi_core *c)
     free(c->changed.v);
     free(c->gone.v);
     free(c->destroyed.v);
+    tier_free(c);
     free(c);
 }
 
@@ -406,8 +425,51 @@ void tcpi_forget_all(struct tcpi_core *c)
         memset(&c->tbl.slots[i], 0, sizeof(c->tbl.slots[i]));
     }
     c->tbl.count = 0;
+    c->tier.n = 0;
     memset(c->shortflows.slots, 0, c->shortflows.cap * sizeof(*c->shortflows.slots));
     c->shortflows.count = 0;
+}
+
+void tcpi_set_one_walk(struct tcpi_core *c, int on)
+{
+    c->one_walk = on;
+}
+
+/* Whether this sweep can be one walk: only the poll thread dumps, both families
+ * with the same program. */
+static int can_walk_both(const struct tcpi_core *c)
+{
+    const struct program *p = c->pool.dumpers[0].prog;
+    return c->one_walk && c->pool.n == 1 && !p[0].skip && !p[1].skip && p[0].len == p[1].len &&
+           (p[0].len == 0 || memcmp(p[0].code, p[1].code, p[0].len) == 0);
+}
+
+/* One walk of both families: each family's stats count its own messages, and share
+ * the walk's framing (recvs, failure, end time); its duration is split between them
+ * by their messages. */
+static int walk_both(struct tcpi_core *c)
+{
+    struct tcpi_family_stats *s6 = own_stats(c, 0), *s4 = own_stats(c, 1), walk_st;
+    memset(&walk_st, 0, sizeof(walk_st));
+    c->walking_both = 1;
+    int ok = dump(c, &c->pool.dumpers[0], AF_UNSPEC, c->states, &walk_st, PROCESS, NULL) == 0;
+    c->walking_both = 0;
+    c->result.one_walk = 1;
+    uint64_t m6 = s6->messages, m4 = s4->messages, all = m6 + m4;
+    int64_t d6 = all ? (int64_t)(walk_st.duration_ns * m6 / all) : walk_st.duration_ns / 2;
+    for (int f = 0; f < 2; f++) {
+        struct tcpi_family_stats *s = own_stats(c, f);
+        s->messages += walk_st.messages;   /* those of neither family, and short ones */
+        s->bad += walk_st.bad;
+        s->recvs = walk_st.recvs;
+        s->status = walk_st.status;
+        s->errno_value = walk_st.errno_value;
+        s->interrupted = walk_st.interrupted;
+        s->end_realtime_ns = walk_st.end_realtime_ns;
+        s->duration_ns = f == 0 ? d6 : walk_st.duration_ns - d6;
+        memset(&walk_st, 0, offsetof(struct tcpi_family_stats, recvs));   /* counted once */
+    }
+    return ok;
 }
 
 int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
@@ -415,6 +477,14 @@ int tcpi_poll(struct tcpi_core *c, struct tcpi_poll_result **out)
     c->epoch++;
     reset_result(c);
     drain_destroyed(c);
+    if (can_walk_both(c)) {
+        int ok = walk_both(c);
+        stamp(c);
+        drain_destroyed(c);
+        sweep(c, ok, ok, now_ns(CLOCK_REALTIME));
+        publish(c, out);
+        return ok ? 0 : -1;
+    }
     if (c->pool.n > 1) {
         for (uint32_t i = 1; i < c->pool.n; i++) {
             struct dumper *d = &c->pool.dumpers[i];
@@ -473,7 +543,14 @@ int64_t tcpi_count_dump(struct tcpi_core *c, uint8_t family, int *err)
 {
     struct tcpi_family_stats st;
     int64_t count = 0;
-    if (dump(c, &c->pool.dumpers[0], family, c->states, &st, COUNT, &count) < 0) {
+    if (family != AF_INET && family != AF_INET6 && family != AF_UNSPEC) {
+        *err = EINVAL;
+        return -1;
+    }
+    c->walking_both = family == AF_UNSPEC;
+    int rc = dump(c, &c->pool.dumpers[0], family, c->states, &st, COUNT, &count);
+    c->walking_both = 0;
+    if (rc < 0) {
         *err = st.errno_value ? st.errno_value : EPROTO;
         return -1;
     }

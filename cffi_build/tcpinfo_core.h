@@ -1,6 +1,7 @@
 /*
- * tcpinfo_core.h - the C core of tcpinfo: one inet_diag dump per address family,
- * diffed against the previous poll in C, so Python only sees what changed.
+ * tcpinfo_core.h - the C core of tcpinfo: inet_diag dumps of every TCP socket (sweeps)
+ * and exact look-ups of the active ones, diffed against what was seen before in C, so
+ * Python only sees what changed.
  *
  * The one header of the core.  Between the CDEF markers it is the C interface and
  * the text that cffi_build/build_core.py hands to cffi (keep that part plain: no
@@ -12,6 +13,7 @@
  *   netlink.c   sockets in the core's namespace, requests, receives
  *   remnants.c  time-wait remnants of short flows
  *   poll.c      the dumps, the diff, the sweep; the core's life cycle
+ *   lookup.c    the fast tier: exact look-ups of the active connections
  *   threads.c   dump threads and the ring that feeds the poll thread
  *   destroy.c   destroy notifications: reader thread and queue
  *   encode.c    archive lines from messages (the archive writer's, not the poller's)
@@ -92,6 +94,22 @@ struct tcpi_destroy_stats {
     int32_t errno_value;  /* last unexpected receive error, 0 if none */
 };
 
+/* What one refresh (the fast tier's exact look-ups) did. */
+struct tcpi_lookup_stats {
+    uint32_t asked;       /* look-ups sent */
+    uint32_t changed;     /* answered with a changed message (reported) */
+    uint32_t unchanged;   /* answered, nothing Compare reads moved */
+    uint32_t missing;     /* ENOENT, or a state the sweeps do not dump: left to the sweep
+                             and the destroy notifications, never reported closed here */
+    uint32_t left;        /* left the fast tier: idle for too many look-ups, or missing */
+    uint32_t bad;         /* malformed or unexpected answers */
+    uint32_t sends;       /* sendmsg calls (each carries up to 16 look-ups) */
+    int32_t status;       /* enum tcpi_status of the first failure, 0 if none */
+    int32_t errno_value;
+    int64_t duration_ns;  /* monotonic time the refresh took */
+    int64_t end_realtime_ns;   /* the records' Timestamp */
+};
+
 struct tcpi_poll_result {
     struct tcpi_record *records;   /* new or changed, in dump order (IPv6 first; with dump
                                       threads the helpers' interleaved with the poll
@@ -105,8 +123,12 @@ struct tcpi_poll_result {
     uint8_t *data;                 /* arena holding every payload above */
     uint32_t data_len;
     uint32_t tracked;              /* connections in the snapshot table after the poll */
+    uint32_t active;               /* connections in the fast tier after the poll or refresh */
+    uint32_t joined;               /* connections that joined the fast tier in this poll */
+    uint8_t one_walk;              /* the sweep dumped both families in one walk */
     struct tcpi_family_stats inet6;
     struct tcpi_family_stats inet;
+    struct tcpi_lookup_stats lookup;   /* tcpi_refresh only */
 };
 
 struct tcpi_core;
@@ -183,6 +205,25 @@ int tcpi_destroy_listen(struct tcpi_core *core, uint32_t rcvbuf, int64_t grace_n
 /* The receive buffer the kernel granted the destroy listener (bytes), 0 if none. */
 uint32_t tcpi_destroy_rcvbuf(struct tcpi_core *core);
 
+/* Sweeps dump both families in one walk of the kernel's table (the compat
+ * TCPDIAG_GETSOCK request: the same messages, attributes and bytecode) whenever the
+ * poll thread alone dumps both families with the same program; else one dump per
+ * family, as upstream does.  Off by default (upstream's two dumps). */
+void tcpi_set_one_walk(struct tcpi_core *core, int on);
+
+/* The fast tier.  With idle_lookups > 0, every connection a sweep finds new or changed
+ * joins the active set, which tcpi_refresh looks up exactly, one socket at a time by
+ * its id and cookie (SOCK_DIAG_BY_FAMILY without NLM_F_DUMP, 16 per send); a
+ * connection leaves it after idle_lookups look-ups in a row found nothing changed, or
+ * when a look-up misses it.  0 empties the set and turns the tier off. */
+void tcpi_set_fast_tier(struct tcpi_core *core, uint32_t idle_lookups);
+
+/* Looks up the active connections, diffs each against its last message, and fills
+ * *out: records (changed ones), destroyed (notifications handled meanwhile), lookup
+ * stats and active; no family stats, no vanished (a miss is left to the next sweep).
+ * Returns 0, or -1 if the look-ups failed (lookup.status says why). */
+int tcpi_refresh(struct tcpi_core *core, struct tcpi_poll_result **out);
+
 /* Handles pending destroy notifications without polling; fills *out (only the
  * destroyed list and destroy stats).  Returns the number of records. */
 int tcpi_drain(struct tcpi_core *core, struct tcpi_poll_result **out);
@@ -223,7 +264,8 @@ int tcpi_check_bytecode(struct tcpi_core *core, uint32_t thread, uint8_t family)
 
 /* The kernel's floor, for benchmarks: the same request and receive loop (thread
  * 0's socket and program for the family, even if it skips it), only counting
- * messages.  Returns the count, or -1 with *err = errno. */
+ * messages; AF_UNSPEC (0) counts one walk of both families (thread 0's AF_INET6
+ * program).  Returns the count, or -1 with *err = errno. */
 int64_t tcpi_count_dump(struct tcpi_core *core, uint8_t family, int *err);
 
 /* The kernel structures the core was compiled against, as offsetof gives them:
@@ -298,6 +340,7 @@ void tcpi_csv_rows(const struct tcpi_csv_schema *schema, const char *in, uint64_
 
 #include <pthread.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <stddef.h>
 #include <string.h>
 #include <time.h>
@@ -370,6 +413,7 @@ struct entry {
     uint8_t family;
     uint8_t used;
     uint8_t fate;      /* enum fate */
+    uint8_t active;    /* in the fast tier's active set */
     int64_t since_ns;  /* LIVE: first poll that missed it (0: seen); CLOSED: closing time;
                           HELD: when a dump first showed it */
 };
@@ -396,6 +440,23 @@ struct recvec {
     struct tcpi_record *v;
     uint32_t n, cap;
 };
+
+/* The fast tier (lookup.c): the connections looked up exactly between sweeps. */
+struct active {
+    uint64_t cookie;
+    uint32_t idle;     /* look-ups in a row that found nothing changed */
+};
+
+struct tier {
+    struct active *v;
+    uint32_t n, cap;
+    uint32_t idle_lookups;     /* leave after this many idle look-ups; 0: tier off */
+    uint8_t *buf;              /* LOOKUP_BATCH receive buffers of LOOKUP_BUF bytes */
+};
+
+#define LOOKUP_BATCH 16       /* look-ups per sendmsg */
+#define LOOKUP_BUF 8192       /* one answer: a message with every attribute fits */
+#define TCPDIAG_GETSOCK 18    /* the compat request: both families in one walk */
 
 /* Destroy notifications, read by a thread of their own as the kernel sends them.
  * The kernel drops what does not fit the listener's receive buffer (capped by
@@ -525,6 +586,8 @@ struct tcpi_core {
     uint32_t states;
     uint32_t epoch;           /* polls so far */
     int source;               /* whose message the diff is at: 2 * thread + family slot */
+    int one_walk;             /* tcpi_set_one_walk */
+    int walking_both;         /* the dump under way is one walk of both families */
     int netns;                /* the network namespace the core was made in, -1 unknown */
     struct filter filter;
     struct pool pool;
@@ -533,6 +596,7 @@ struct tcpi_core {
     struct table shortflows;  /* 4-tuples of recent short flows (remnants.c) */
     struct arena arena;
     struct recvec changed, gone, destroyed;
+    struct tier tier;
     struct tcpi_poll_result result;
 };
 
@@ -576,6 +640,7 @@ INTERNAL int netns_socket(struct tcpi_core *c, int flags);
 INTERNAL int open_socket(struct dumper *d);
 INTERNAL void reset_socket(struct dumper *d);
 INTERNAL int send_request(struct dumper *d, uint8_t ext, uint8_t family, uint32_t states);
+INTERNAL int send_iov(struct dumper *d, struct iovec *iov, size_t n_iov, size_t total);
 INTERNAL ssize_t recv_some(struct dumper *d, uint8_t *buf, int *truncated);
 
 /* remnants.c: time-wait remnants of short flows */
@@ -586,6 +651,10 @@ INTERNAL void forget_shortflows(struct tcpi_core *c, int64_t now);
 INTERNAL int hold_timewait(struct tcpi_core *c, const uint8_t *p, uint32_t n, uint64_t cookie);
 
 /* poll.c: the diff and the dumps */
+INTERNAL int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
+                       struct tcpi_family_stats *st);
+INTERNAL void reset_result(struct tcpi_core *c);
+INTERNAL void publish(struct tcpi_core *c, struct tcpi_poll_result **out);
 INTERNAL int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b,
                   uint32_t n, struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count);
 INTERNAL int dump_share(struct tcpi_core *c, struct dumper *d, int f,
@@ -599,6 +668,10 @@ INTERNAL void merge_stats(struct tcpi_family_stats *into, const struct tcpi_fami
 INTERNAL int dumper_init(struct tcpi_core *c, struct dumper *d, int ring);
 INTERNAL void dumper_free(struct dumper *d);
 INTERNAL void stop_helpers(struct tcpi_core *c);
+
+/* lookup.c: the fast tier */
+INTERNAL int tier_join(struct tcpi_core *c, struct entry *e);
+INTERNAL void tier_free(struct tcpi_core *c);
 
 /* destroy.c: destroy notifications */
 INTERNAL void drain_destroyed(struct tcpi_core *c);

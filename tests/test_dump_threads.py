@@ -155,18 +155,36 @@ def test_auto_thread_count_moves_with_hysteresis():
     assert shares.threads_wanted(2, 2, 1e6) == 1          # quick polls: back to one
 
 
+def test_auto_threads_never_add_a_thread_with_little_to_split():
+    slow = 1e9   # a poll of a second: the kernel's walk of a huge table, not the sockets
+    assert shares.threads_wanted(1, 2, slow, worth_splitting=False) == 1
+    assert shares.threads_wanted(2, 2, slow, worth_splitting=False) == 1
+    assert shares.engage_ns(100_000_000) == 25_000_000   # a quarter of a 100 ms sweep period
+    assert shares.engage_ns(10_000_000) == shares.ENGAGE_NS
+
+
+def test_an_empty_namespace_stays_on_one_thread_however_slow_its_sweeps(testnet):
+    with testnet.inside(testnet.ns_b):
+        poller = Poller()
+    poller.auto_threads(2, engage_ns=0, release_ns=0)      # any poll is "slow" ...
+    for _ in range(3):
+        poller._adapt_at = 0
+        poller.poll()
+    assert poller.threads == 1                             # ... but there is nothing to split
+
+
 def test_auto_threads_switch_without_losing_or_repeating_a_connection(testnet):
     pairs = testnet.open_many(800) + testnet.open_many(100, socket.AF_INET6)
     with testnet.inside(testnet.ns_b):
         poller = Poller()
-    poller.auto_threads(2, engage_ns=0, release_ns=0)      # any poll is "slow"
+    poller.auto_threads(2, engage_ns=0, release_ns=0, split_min=0)   # any poll is "slow"
     assert len(poller.poll().changes) == 900 and poller.threads == 2
     for _ in range(3):
         poller._rebalance_at = 0
         idle = poller.poll()
         assert idle.changes == [] and idle.vanished == []
         assert idle.inet.messages + idle.inet6.messages == 900
-    poller.auto_threads(2, engage_ns=float("inf"), release_ns=float("inf"))   # any is "quick"
+    poller.auto_threads(2, engage_ns=float("inf"), release_ns=float("inf"), split_min=0)  # "quick"
     poller._adapt_at = 0
     assert poller.poll().changes == [] and poller.threads == 1
     client, server = pairs[0]

@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--no-caps", action="store_true",
                     help="run tcp-info without capabilities, as a container does")
     ch.add_argument("flags", nargs="*", help="tcp-info flags, after --")
+    ti = sub.add_parser("tiers", help="CPU of the tiers vs strict mode: idle host, mixed host, "
+                                       "one sweep vs the floor")
+    ti.add_argument("-n", "--connections", type=int, default=10000)
+    ti.add_argument("-a", "--active", type=int, default=20, help="connections sending continuously")
+    ti.add_argument("-s", "--seconds", type=float, default=10.0, help="length of each window")
+    ti.add_argument("-r", "--rounds", type=int, default=40, help="sweeps timed per kind")
     args = ap.parse_args(argv)
     if args.what == "csvtool":
         from lab.bench import csvtool
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.rates.split(",")]
         print(churn.run(rates, args.seconds, args.workers, args.flags, args.same_host,
                               args.hold / 1e3, args.no_caps))
+    if args.what == "tiers":
+        from lab.bench import tiers
+        print(tiers.run(args.connections, args.active, args.seconds, args.rounds))
     if args.what == "daemon":
         print(poll.bench_daemon(args.connections, args.seconds, args.flags))
     if args.what == "poll":

@@ -1,7 +1,9 @@
 """The poll loop: kernel snapshots in, archives, flow events and metrics out; clean shutdown.
 
 The C poller hands back only the sockets that are new, changed or gone, and this loop touches only
-those, so a host with 100,000 idle connections costs Python nothing per socket per poll.  Per changed
+those, so a host with 100,000 idle connections costs Python nothing per socket per poll.  Each
+tick either sweeps the kernel's whole table or looks up the fast tier's active connections, as
+`tiers` decides; with nothing active the loop sleeps until the next sweep.  Per changed
 record the work is split, anonymize, encode and append to the saver's buffer.  Unlike upstream, which
 has no signal handling, a stop signal (see `stopsignals`) ends the loop between polls; the saver
 then writes every buffer and the event socket tells its clients every open flow closed, so nothing
@@ -34,6 +36,7 @@ from tcpinfo.collector.poller import (
     Change,
     DestroyStats,
     FamilyStats,
+    LookupStats,
     Poller,
     PollResult,
 )
@@ -41,6 +44,7 @@ from tcpinfo.collector.query import ConnectionQueries
 from tcpinfo.collector.saver import Saver
 from tcpinfo.collector.selfcheck import read_clock
 from tcpinfo.collector.stopsignals import StopSignals
+from tcpinfo.collector.tiers import Tiers
 from tcpinfo.health.aggregate import Aggregator
 from tcpinfo.kernel.inetdiag import IDM, IDM_LEN, INET_DIAG_INFO, split_message
 from tcpinfo.kernel.tcp import TCP_INFO
@@ -144,12 +148,14 @@ class Collector:
                  cadence: Cadence, stops: StopSignals, metrics: Metrics,
                  anonymize: Anonymizer | None = None,
                  counted_ports: frozenset[int] = frozenset(),
-                 health: Aggregator | None = None, queries: ConnectionQueries | None = None) -> None:
+                 health: Aggregator | None = None, queries: ConnectionQueries | None = None,
+                 tiers: Tiers | None = None) -> None:
         self._poller = poller
         self._saver = saver
         self._events = events
         self._prefix = prefix
         self._cadence = cadence
+        self._tiers = tiers or Tiers(cadence.interval_ns, cadence.interval_ns, strict=True)
         self._metrics = metrics
         self._writer = RecordWriter(saver, metrics, anonymize)
         self._archive = self._writer.write
@@ -160,6 +166,7 @@ class Collector:
         self._port_of: dict[int, int] = {}
         self._stops = stops
         self._log = RateLimitedLog(log)   # recurring problems: once a minute per kind
+        self._cpu_mark = (time.monotonic_ns(), time.process_time_ns())   # for the CPU share
         self.polls = 0
 
     def run(self, reps: int = 0) -> None:
@@ -173,16 +180,26 @@ class Collector:
         """Go-ticker cadence: a late poll is followed at once by the next, never by a burst.
 
         Between polls the loop sleeps on the signal pipe and the destroy listener, so a Close
-        is announced when the kernel reports it, not at the next poll.
+        is announced when the kernel reports it, not at the next poll.  A tick with no active
+        connection and no sweep due is skipped.
         """
         scheduled = started = time.monotonic_ns()
         cpu_mark = time.process_time_ns()
         last_report_s = 0
+        last_start = 0
         while not self._stops.requested and (reps == 0 or self.polls < reps):
-            result = self.poll_once()
+            begun = time.monotonic_ns()
+            sweep = self._tiers.sweep_due(begun)
+            result = self.poll_once(sweep)
             if self.polls == 1:
                 log.info("First poll done: %d connections tracked", result.tracked)
             now = time.monotonic_ns()
+            if sweep:
+                self._tiers.swept(begun, now, result.joined)
+                self._metrics.sweep_interval_achieved.set(self._tiers.achieved_ns / NS)
+            if last_start and result.active:
+                self._metrics.lookup_interval_achieved.set((begun - last_start) / NS)
+            last_start = begun
             self._metrics.polling_interval.observe((now - started) / NS)
             self._metrics.poll_interval_achieved.set((now - started) / NS)
             started = now
@@ -195,7 +212,8 @@ class Collector:
             self._metrics.cycle_cpu.set((cpu - cpu_mark) / NS)
             cpu_mark = cpu
             self._metrics.poll_period.set(self._cadence.period_ns / NS)
-            self._wait_until(scheduled)
+            self._metrics.sweep_period.set(self._tiers.period_ns / NS)
+            self._wait_until(self._tiers.next_wake(scheduled, result.active))
 
     def _wait_until(self, deadline: int) -> None:
         """Sleeps until the monotonic deadline or a stop, handling destroy notifications."""
@@ -222,9 +240,10 @@ class Collector:
         self._count_destroy(result.destroy)
         self._close_destroyed(result.destroyed)
 
-    def poll_once(self) -> PollResult:
-        """One poll: archive what changed, announce what opened and closed, flush what is due."""
-        result = self._poller.poll()
+    def poll_once(self, sweep: bool = True) -> PollResult:
+        """One poll, a sweep or a refresh of the fast tier: archive what changed, announce what
+        opened and closed, flush what is due."""
+        result = self._poller.poll() if sweep else self._poller.refresh()
         self.polls += 1
         events, prefix, counted = self._events, self._prefix, self._counted_ports
         new = 0
@@ -285,8 +304,24 @@ class Collector:
         self._metrics.cache.labels(op="changed").inc(changes - new)
         self._metrics.cache.labels(op="expired").inc(len(result.vanished))
         self._metrics.cache_count.observe(result.tracked)
+        self._metrics.active_connections.set(result.active)
+        if result.lookup is not None:
+            self._count_lookups(result.lookup)
+            return
+        self._metrics.sweeps.inc()
         for family, stats in ((socket.AF_INET6, result.inet6), (socket.AF_INET, result.inet)):
             self._count_family(family, stats)
+
+    def _count_lookups(self, stats: LookupStats) -> None:
+        for outcome in ("changed", "unchanged", "missing", "bad"):
+            n = getattr(stats, outcome)
+            if n:
+                self._metrics.lookups.labels(outcome=outcome).inc(n)
+        if stats.error is not None:
+            self._metrics.lookup_failures.labels(reason=stats.error).inc()
+            self._log(logging.WARNING, f"lookup {stats.error}", "Looking up the active "
+                      "connections failed (%s, errno %d); the next sweep covers them", stats.error,
+                      stats.errno)
 
     def _count_destroy(self, stats: DestroyStats) -> None:
         """Destroy notifications; the connections they end leave the cache as expired ones.
@@ -331,6 +366,10 @@ class Collector:
         self._metrics.open_connections.set(self._saver.open_connections)
         self._metrics.buffered_bytes.set(self._saver.buffered_bytes)
         self._metrics.dump_threads.set(self._poller.threads)
+        self._metrics.discovery_bound.set(self._tiers.take_bound() / NS)
+        wall, cpu = time.monotonic_ns(), time.process_time_ns()
+        self._metrics.cpu_share.set((cpu - self._cpu_mark[1]) / max(wall - self._cpu_mark[0], 1))
+        self._cpu_mark = (wall, cpu)
         self._rates.report()
         if self._health is not None:
             self._health.expire(time.time_ns())

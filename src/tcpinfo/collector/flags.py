@@ -87,6 +87,9 @@ class Config:
     destroy_events: bool = True
     cpu_budget: float = 0.0
     dump_threads: int = 0   # auto
+    strict: bool = False
+    sweep_interval_ns: int = 100 * MS
+    active_linger_ns: int = 1000 * MS
     output_mode: int = FILE_MODE
     eventsocket_max_clients: int = eventserver.MAX_CLIENTS
     max_connections: int = httpserver.MAX_CONNECTIONS
@@ -359,9 +362,23 @@ FLAGS: tuple[Flag, ...] = (
          "recorded. false: upstream's poll-only behaviour.", kind="bool"),
     Flag("dump-threads", "dump_threads", parse_threads,
          "Threads that dump sockets in parallel, each a share of the ports: with 2, a poll "
-         "takes about 0.6-0.67x the time for about 1.1x the CPU. auto: one thread while polls "
-         "take under 5 ms, two while they take longer (with at least 2 CPUs and no "
-         "-cpu-budget).", metavar="auto|int", show=show_threads),
+         "takes about 0.6-0.67x the time for about 1.1x the CPU. auto: a second thread only "
+         "while sweeps of 2000 or more connections take over a quarter of -sweep-interval (of "
+         "5 ms in strict mode), with at least 2 CPUs and no -cpu-budget.", metavar="auto|int",
+         show=show_threads),
+    Flag("strict", "strict", parse_bool,
+         "Strict mode: dump every socket every -poll-interval, as upstream does, one dump per "
+         "address family. Default: sweep the whole socket table every -sweep-interval at most and "
+         "in between look up only the connections that are active.", kind="bool"),
+    Flag("sweep-interval", "sweep_interval_ns", parse_duration,
+         "Longest time between two sweeps of the kernel's whole socket table: the bound on how "
+         "late a new connection, or an idle one that starts moving, is found (sweeps come sooner "
+         "while they find some); raised to -poll-interval if shorter. Ignored in strict mode.", metavar="duration",
+         show=format_duration),
+    Flag("active-linger", "active_linger_ns", parse_duration,
+         "How long a connection with no change stays in the fast tier, looked up every "
+         "-poll-interval; after it only the sweeps watch it. Ignored in strict mode.",
+         metavar="duration", show=format_duration),
     Flag("cpu-budget", "cpu_budget", parse_cpu_budget,
          "Most CPU the collector may use, as a share of one CPU (0.25 or 25%); polls are spaced "
          "further apart than -poll-interval when they cost more. 0: no budget.",

@@ -30,6 +30,7 @@ from tcpinfo.collector.saver import Saver
 from tcpinfo.collector.selfcheck import SelfCheckMetrics, self_report
 from tcpinfo.collector.sockfilter import Filter
 from tcpinfo.collector.stopsignals import StopSignals
+from tcpinfo.collector.tiers import Tiers
 from tcpinfo.health.aggregate import Aggregator
 from tcpinfo.remotewrite.writer import RemoteWriter
 from tcpinfo.servers import httpserver
@@ -136,6 +137,11 @@ def start_metrics(listen_address: str, max_connections: int,
     return server
 
 
+def sweep_interval_ns(config: flags.Config) -> int:
+    """-sweep-interval, or -poll-interval if that is longer (a sweep is a poll too)."""
+    return max(config.sweep_interval_ns, config.poll_interval_ns)
+
+
 def make_poller(config: flags.Config, metrics: Metrics) -> Poller:
     """The C core with the filter, dump threads and destroy listener the flags ask for."""
     sockets = Filter(local=config.exclude_local, srcports=set(config.exclude_srcport),
@@ -159,9 +165,21 @@ def make_poller(config: flags.Config, metrics: Metrics) -> Poller:
             if refusal:
                 log.warning("Dumping on one thread: %s", refusal)
         elif config.dump_threads == 0 and not config.cpu_budget and usable_cpus() >= 2:
-            poller.auto_threads(2)
-            log.info("Dump threads: auto (a second one while polls take over %.0f ms)",
-                     shares.ENGAGE_NS / 1e6)
+            engage = shares.engage_ns(config.poll_interval_ns if config.strict
+                                      else sweep_interval_ns(config))
+            poller.auto_threads(2, engage, engage * shares.RELEASE_RATIO)
+            log.info("Dump threads: auto (a second one while sweeps of %d or more connections take "
+                     "over %.0f ms)", shares.SPLIT_MIN, engage / 1e6)
+        if config.strict:
+            log.info("Strict mode: every socket dumped every %s, one dump per family",
+                     format_duration(config.poll_interval_ns))
+        else:
+            poller.set_one_walk(True)
+            poller.set_fast_tier(max(1, -(-config.active_linger_ns // config.poll_interval_ns)))
+            log.info("Sweeping every socket every %s at most (one walk of both families), looking "
+                     "up active connections every %s between sweeps",
+                     format_duration(sweep_interval_ns(config)),
+                     format_duration(config.poll_interval_ns))
         if config.destroy_events:
             poller.listen_destroyed()
             log.info("Listening for destroy notifications (receive buffer %d bytes)",
@@ -234,7 +252,8 @@ def run(config: flags.Config, stops: StopSignals) -> int:
     collector = Collector(poller, saver, events, prefix,
                           Cadence(config.poll_interval_ns, config.cpu_budget), stops, metrics,
                           make_anonymizer(config.anonymize_ip), frozenset(config.count_port),
-                          health, queries)
+                          health, queries,
+                          Tiers(config.poll_interval_ns, sweep_interval_ns(config), config.strict))
     if http is not None:
         http.queries = queries.ask   # GET /v1/connections/<uuid> from now on
     profiler = cProfile.Profile() if config.trace else None

@@ -143,6 +143,43 @@ class Metrics:
             "tcpinfo_timewait_remnants_total",
             "FIN_WAIT2 time-wait remnants of short flows that the kernel gave cookies of their "
             "own, recognised by their 4-tuple and not recorded as connections.", registry=registry)
+        self.sweeps = Counter(
+            "tcpinfo_sweeps_total",
+            "Sweeps of the kernel's whole socket table (one dump of both families, or one per "
+            "family in strict mode or with dump threads).", registry=registry)
+        self.lookups = Counter(
+            "tcpinfo_lookups_total",
+            "Exact look-ups of the fast tier's active connections, by outcome: changed, unchanged, "
+            "missing (gone, or in a state the sweeps skip: left to the sweep and the destroy "
+            "notifications), bad.", ["outcome"], registry=registry)
+        self.lookup_failures = Counter(
+            "tcpinfo_lookup_failures_total",
+            "Refreshes of the fast tier whose look-ups failed, by reason; the next sweep covers "
+            "their connections.", ["reason"], registry=registry)
+        self.active_connections = Gauge(
+            "tcpinfo_active_connections",
+            "Connections in the fast tier: looked up every -poll-interval between sweeps.",
+            registry=registry)
+        self.sweep_period = Gauge(
+            "tcpinfo_sweep_period_seconds",
+            "The sweep period chosen last: -sweep-interval, shorter while sweeps find connections, "
+            "-poll-interval in strict mode.", registry=registry)
+        self.sweep_interval_achieved = Gauge(
+            "tcpinfo_sweep_interval_achieved_seconds",
+            "Time between the starts of the two most recent sweeps.", registry=registry)
+        self.lookup_interval_achieved = Gauge(
+            "tcpinfo_lookup_interval_achieved_seconds",
+            "Time between the starts of the two most recent polls (sweeps or refreshes) while the "
+            "fast tier had connections.", registry=registry)
+        self.discovery_bound = Gauge(
+            "tcpinfo_discovery_bound_seconds",
+            "Longest a new connection could have gone unseen in the last second: a sweep's end "
+            "minus the previous sweep's start, at its worst (0: no two sweeps in the second).",
+            registry=registry)
+        self.cpu_share = Gauge(
+            "tcpinfo_cpu_seconds_per_second",
+            "CPU time the whole process used per second of wall time, over the last second.",
+            registry=registry)
         self.dump_threads = Gauge(
             "tcpinfo_dump_threads",
             "Threads dumping sockets in the latest polls (-dump-threads; auto moves between 1 and "

@@ -1,9 +1,12 @@
-"""Python face of the C core: poll every TCP socket, get back only what changed.
+"""Python face of the C core: sweep every TCP socket or look up the active ones, get back only
+what changed.
 
 The per-socket loop (receive, exclude, diff against the previous poll) runs in C
 (`cffi_build/`, through `tcpinfo.core.binding`).  This module turns the core's result into Python
 objects, touching only the sockets that are new, changed or gone, so an idle host
-costs the interpreter nothing per socket.
+costs the interpreter nothing per socket.  Two kinds of poll: `poll` sweeps the kernel's whole
+table (a dump), `refresh` looks up the fast tier's active connections one by one; when to do
+which is `tiers`' policy.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from tcpinfo.collector.sockfilter import Filter, compile_filter
 from tcpinfo.core.binding import CHANGE_NAMES, FINAL, PREVIOUS_WAS_NIL, SHORT, STATUS_NAMES, ffi, lib
 
 __all__ = ["CHANGE_NAMES", "FINAL", "PREVIOUS_WAS_NIL", "SHORT", "Change", "DestroyStats",
-           "FamilyStats", "PollResult", "Poller", "compare"]
+           "FamilyStats", "LookupStats", "PollResult", "Poller", "compare"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,21 @@ class DestroyStats(NamedTuple):
     errno_value: int  # last unexpected receive error, 0 if none
 
 
+class LookupStats(NamedTuple):
+    """What one refresh of the fast tier did (all zero for a sweep)."""
+
+    asked: int
+    changed: int
+    unchanged: int
+    missing: int     # ENOENT, or a state the sweeps skip: left to the sweep and destroy notices
+    left: int        # connections that left the fast tier
+    bad: int
+    sends: int
+    error: str | None
+    errno: int
+    duration_ns: int
+
+
 @dataclass
 class PollResult:
     changes: list[Change]
@@ -78,12 +96,22 @@ class PollResult:
     inet: FamilyStats
     destroy: DestroyStats
     tracked: int
+    active: int = 0          # connections in the fast tier afterwards
+    joined: int = 0          # connections that joined it in this poll (new, or active again)
+    one_walk: bool = False   # a sweep that walked the kernel's table once for both families
+    lookup: LookupStats | None = None   # a refresh's look-ups; None for a sweep
 
 
 def _family_stats(st) -> FamilyStats:
     return FamilyStats(st.messages, st.excluded, st.bad, st.recvs,
                        STATUS_NAMES.get(st.status) if st.status else None, st.errno_value,
                        bool(st.interrupted), st.duration_ns, st.end_realtime_ns)
+
+
+def _lookup_stats(st) -> LookupStats:
+    return LookupStats(st.asked, st.changed, st.unchanged, st.missing, st.left, st.bad, st.sends,
+                       STATUS_NAMES.get(st.status) if st.status else None, st.errno_value,
+                       st.duration_ns)
 
 
 def _records(res, records, count: int) -> list[Change]:
@@ -136,6 +164,7 @@ class Poller:
         self._rebalance_at = 0
         self.auto_most = 0               # -dump-threads auto: most threads; 0: fixed
         self._auto_limits: tuple[float, float] = (shares.ENGAGE_NS, shares.RELEASE_NS)
+        self._split_min = shares.SPLIT_MIN
         self._poll_ns = 0.0              # poll wall time, smoothed
         self._adapt_at = 0
         self.set_filter(sockets or Filter())
@@ -224,24 +253,27 @@ class Poller:
         return refusal
 
     def auto_threads(self, most: int, engage_ns: float = shares.ENGAGE_NS,
-                     release_ns: float = shares.RELEASE_NS) -> None:
+                     release_ns: float = shares.RELEASE_NS,
+                     split_min: int = shares.SPLIT_MIN) -> None:
         """Dumps on one thread while polls are quick and on `most` while they are slow.
 
-        Checked every 2 s against the smoothed poll time (`shares.threads_wanted`).  A machine
+        Checked every 2 s against the smoothed poll time (`shares.threads_wanted`), and never
+        more than one thread while fewer than `split_min` connections are tracked.  A machine
         that cannot start the threads, or a kernel that refuses their programs, leaves polling
         on one thread for good (logged).
         """
         self.auto_most = most
         self._auto_limits = (engage_ns, release_ns)
+        self._split_min = split_min
 
-    def _adapt(self, poll_ns: int) -> None:
+    def _adapt(self, poll_ns: int, tracked: int) -> None:
         self._poll_ns = poll_ns if not self._poll_ns else 0.8 * self._poll_ns + 0.2 * poll_ns
         now = time.monotonic_ns()
         if now < self._adapt_at:
             return
         self._adapt_at = now + REBALANCE_NS
         wanted = shares.threads_wanted(self.threads, self.auto_most, self._poll_ns,
-                                       *self._auto_limits)
+                                       *self._auto_limits, tracked >= self._split_min)
         if wanted == self.threads:
             return
         log.info("Polls take %.1f ms: dumping on %d thread%s", self._poll_ns / 1e6, wanted,
@@ -312,14 +344,34 @@ class Poller:
         """The receive buffer the kernel granted the destroy listener, in bytes."""
         return lib.tcpi_destroy_rcvbuf(self._core)
 
+    def set_one_walk(self, on: bool) -> None:
+        """Sweeps walk the kernel's table once for both families (the compat TCPDIAG_GETSOCK
+        request) when one thread dumps both with one program, instead of once per family."""
+        lib.tcpi_set_one_walk(self._core, int(on))
+
+    def set_fast_tier(self, idle_lookups: int) -> None:
+        """Connections that a poll finds new or changed join the active set that `refresh` looks
+        up; each leaves after `idle_lookups` look-ups in a row found it unchanged.  0: no tier."""
+        if idle_lookups < 0:
+            raise ValueError("idle_lookups cannot be negative")
+        lib.tcpi_set_fast_tier(self._core, idle_lookups)
+
+    def refresh(self) -> PollResult:
+        """Looks up the active connections exactly; returns the changed ones (and what the destroy
+        notifications ended meanwhile).  A connection a look-up misses only leaves the tier: the
+        next poll or its destroy notification says whether it closed."""
+        lib.tcpi_refresh(self._core, self._out)
+        return self._result(lookup=True)
+
     def poll(self) -> PollResult:
-        """Dumps IPv6 then IPv4 sockets; returns only new, changed, vanished and destroyed ones."""
+        """Dumps IPv6 then IPv4 sockets (or both in one walk); returns only new, changed,
+        vanished and destroyed ones."""
         if self.threads > 1:
             self._rebalance()
         start = time.monotonic_ns()
         lib.tcpi_poll(self._core, self._out)
         if self.auto_most > 1:
-            self._adapt(time.monotonic_ns() - start)
+            self._adapt(time.monotonic_ns() - start, self._out[0].tracked)
         return self._result()
 
     def drain(self) -> PollResult:
@@ -327,7 +379,7 @@ class Poller:
         lib.tcpi_drain(self._core, self._out)
         return self._result()
 
-    def _result(self) -> PollResult:
+    def _result(self, lookup: bool = False) -> PollResult:
         res = self._out[0]
         return PollResult(_records(res, res.records, res.n_records),
                           _records(res, res.vanished, res.n_vanished),
@@ -335,7 +387,8 @@ class Poller:
                           _family_stats(res.inet6), _family_stats(res.inet),
                           DestroyStats(*(getattr(res.destroy, name)   # same names as in C
                                          for name in DestroyStats._fields)),
-                          res.tracked)
+                          res.tracked, res.active, res.joined, bool(res.one_walk),
+                          _lookup_stats(res.lookup) if lookup else None)
 
     def snapshot(self, cookie: int) -> bytes | None:
         """The last message the polls reported for an open connection, or None (not open, or
@@ -356,7 +409,8 @@ class Poller:
         lib.tcpi_release_memory()
 
     def count_dump(self, family: int) -> int:
-        """The kernel's floor: the same dump, only received and counted (benchmarks)."""
+        """The kernel's floor: the same dump, only received and counted (benchmarks); family 0
+        (AF_UNSPEC) is one walk of both families."""
         err = ffi.new("int *")
         n = lib.tcpi_count_dump(self._core, family, err)
         if n < 0:

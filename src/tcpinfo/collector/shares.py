@@ -35,6 +35,18 @@ GAIN = 0.8
 # (then about 0.65x as long) take less than RELEASE_NS; the gap keeps them from flapping.
 ENGAGE_NS = 5_000_000
 RELEASE_NS = 2_000_000
+RELEASE_RATIO = RELEASE_NS / ENGAGE_NS
+# Each helper walks the kernel's whole table again, so with few sockets to split (the walk, not
+# their messages, is the cost) a helper only adds CPU: auto never engages below this many tracked.
+SPLIT_MIN = 2000
+# With a sweep period of P, helpers are worth their CPU only once a sweep takes a good part of it.
+ENGAGE_SHARE = 0.25
+
+
+def engage_ns(period_ns: int) -> float:
+    """-dump-threads auto's threshold for polls `period_ns` apart: ENGAGE_NS, or a quarter of a
+    longer period (the tiers' sweeps are far apart, and a longer sweep still keeps up)."""
+    return max(ENGAGE_NS, ENGAGE_SHARE * period_ns)
 
 
 @dataclass(frozen=True)
@@ -116,13 +128,17 @@ def plan(filter_program: bytes, n: int, spreads: dict[int, Spread], first_share:
 
 
 def threads_wanted(current: int, most: int, poll_ns: float,
-                   engage_ns: float = ENGAGE_NS, release_ns: float = RELEASE_NS) -> int:
+                   engage_ns: float = ENGAGE_NS, release_ns: float = RELEASE_NS,
+                   worth_splitting: bool = True) -> int:
     """-dump-threads auto: how many threads the next polls should dump with.
 
     One thread costs the least CPU: each helper walks the kernel's table once more per poll
     (about a millisecond on a host with a large table) and wakes once per poll.  That is worth
-    paying only when polls are long, where a second thread cuts a poll to about two thirds.
+    paying only when polls are long because of the sockets they carry (`worth_splitting`: at
+    least SPLIT_MIN tracked), where a second thread cuts a poll to about two thirds.
     """
+    if not worth_splitting:
+        return 1
     if current == 1 and poll_ns > engage_ns:
         return most
     if current > 1 and poll_ns < release_ns:
