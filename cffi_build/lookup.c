@@ -112,7 +112,7 @@ static int on_answer(struct tcpi_core *c, const uint8_t *b, uint32_t n, uint32_t
     struct tcpi_family_stats scratch;
     memset(&scratch, 0, sizeof(scratch));
     uint32_t before = c->changed.n;
-    if (on_socket(c, p, plen, &scratch) < 0) {
+    if (take_message(c, p, plen, &scratch) < 0) {
         fail(ls, TCPI_E_NOMEM, ENOMEM);
         outcome[i] = BAD;
         return 1;

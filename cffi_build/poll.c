@@ -22,8 +22,8 @@
 static const uint8_t FAMILIES[2] = {AF_INET6, AF_INET};   /* the order of a poll's dumps */
 
 /* Handles one inet_diag message of a dump or a look-up.  Returns -1 for lack of
- * memory, else 0. */
-int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
+ * memory, else 0.  Static, so that it is inlined in the dump's loop. */
+static inline __attribute__((always_inline)) int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
                      struct tcpi_family_stats *st)
 {
     st->messages++;
@@ -87,17 +87,22 @@ int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
     return result_add(c, &c->changed, p, n, cookie, idm_family(p), kind, -(int64_t)c->source - 1);
 }
 
+int take_message(struct tcpi_core *c, const uint8_t *p, uint32_t n, struct tcpi_family_stats *st)
+{
+    return on_socket(c, p, n, st);
+}
+
 /* Before a recv's messages are diffed, asks the memory system for what they will
  * touch: first every cookie's table slot, then each known socket's stored copy.
  * The misses then overlap instead of stalling the diff one socket at a time. */
-static void prefetch(struct tcpi_core *c, const uint8_t *b, uint32_t n)
+static void prefetch(struct tcpi_core *c, const uint8_t *b, uint32_t n, uint16_t type)
 {
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t pos = 0; pos + sizeof(struct nlmsghdr) + IDM_LEN <= n;) {
             const struct nlmsghdr *h = (const struct nlmsghdr *)(b + pos);
             if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > n - pos)
                 break;
-            if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY && h->nlmsg_len >= sizeof(*h) + IDM_LEN) {
+            if (h->nlmsg_type == type && h->nlmsg_len >= sizeof(*h) + IDM_LEN) {
                 uint64_t cookie = idm_cookie((const uint8_t *)(h + 1));
                 if (pass == 0) {
                     __builtin_prefetch(&c->tbl.slots[table_slot(&c->tbl, cookie)]);
@@ -129,8 +134,11 @@ int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b, 
                 struct tcpi_family_stats *st, enum walk_mode mode, int64_t *count)
 {
     uint32_t pos = 0;
+    /* Read once: the diff writes through c, so the compiler cannot hoist these itself. */
+    const int both = c->walking_both;
+    const uint16_t type = both ? TCPDIAG_GETSOCK : SOCK_DIAG_BY_FAMILY;
     if (mode == PROCESS)
-        prefetch(c, b, n);
+        prefetch(c, b, n, type);
     while (pos + sizeof(struct nlmsghdr) <= n) {
         const struct nlmsghdr *h = (const struct nlmsghdr *)(b + pos);
         if (h->nlmsg_len < sizeof(*h) || h->nlmsg_len > n - pos) {
@@ -166,11 +174,11 @@ int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b, 
         }
         if (mode == STREAM) {
             /* counted when the poll thread diffs the chunk */
-        } else if (h->nlmsg_type != (c->walking_both ? TCPDIAG_GETSOCK : SOCK_DIAG_BY_FAMILY)) {
+        } else if (h->nlmsg_type != type) {
             st->bad++;
         } else if (mode == COUNT) {
             (*count)++;
-        } else if (on_socket(c, payload, plen, c->walking_both ? walked_stats(c, payload, plen, st) : st) < 0) {
+        } else if (on_socket(c, payload, plen, both ? walked_stats(c, payload, plen, st) : st) < 0) {
             st->status = TCPI_E_NOMEM;
             return -1;
         }

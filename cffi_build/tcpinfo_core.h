@@ -651,8 +651,8 @@ INTERNAL void forget_shortflows(struct tcpi_core *c, int64_t now);
 INTERNAL int hold_timewait(struct tcpi_core *c, const uint8_t *p, uint32_t n, uint64_t cookie);
 
 /* poll.c: the diff and the dumps */
-INTERNAL int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
-                       struct tcpi_family_stats *st);
+INTERNAL int take_message(struct tcpi_core *c, const uint8_t *p, uint32_t n,
+                          struct tcpi_family_stats *st);   /* a look-up's answer, as a dump's */
 INTERNAL void reset_result(struct tcpi_core *c);
 INTERNAL void publish(struct tcpi_core *c, struct tcpi_poll_result **out);
 INTERNAL int walk(struct tcpi_core *c, uint32_t seq, uint32_t port_id, const uint8_t *b,

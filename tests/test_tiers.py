@@ -24,9 +24,18 @@ def test_an_idle_host_is_swept_every_sweep_interval_and_never_woken_in_between()
     assert tiers.sweep_due(0)
     tiers.swept(0, 1 * MS, joined=0)
     assert tiers.period_ns == 100 * MS
-    assert tiers.next_wake(10 * MS, active=0) == 100 * MS   # the ticks between are skipped
+    # The ticks between are skipped; the next sweep starts early by its length and half a tick,
+    # so that it ends within 100 ms of this one's start.
+    assert tiers.next_wake(10 * MS, active=0) == 94 * MS
     assert not tiers.sweep_due(50 * MS)
-    assert tiers.sweep_due(96 * MS)                          # half a tick early is on time
+    assert tiers.sweep_due(89 * MS)                          # a tick half a tick early is on time
+
+
+def test_with_active_connections_the_sweep_falls_on_a_tick_and_ends_within_the_bound():
+    tiers = Tiers(10 * MS, 100 * MS)
+    tiers.swept(0, 17 * MS, joined=0)                        # a 17 ms sweep of a busy table
+    start = next(t for t in range(0, 200 * MS, 10 * MS) if tiers.sweep_due(t))
+    assert start + 17 * MS <= 100 * MS
 
 
 def test_sweeps_come_sooner_while_they_find_connections_and_back_off_when_they_do_not():

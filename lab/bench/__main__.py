@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("daemon", help="resident memory of tcp-info over N idle connections")
     d.add_argument("-n", "--connections", type=int, default=10000)
     d.add_argument("-s", "--seconds", type=float, default=10.0)
+    d.add_argument("--same-ns", action="store_true",
+                   help="both ends in the daemon's namespace: 2N tracked sockets")
     d.add_argument("flags", nargs="*", help="tcp-info flags, after --: -- -dump-threads 2")
     f = sub.add_parser("filter", help="poll cost with most sockets excluded: userspace vs kernel")
     f.add_argument("-x", "--excluded", type=int, default=20000)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         from lab.bench import tiers
         print(tiers.run(args.connections, args.active, args.seconds, args.rounds))
     if args.what == "daemon":
-        print(poll.bench_daemon(args.connections, args.seconds, args.flags))
+        print(poll.bench_daemon(args.connections, args.seconds, args.flags, args.same_ns))
     if args.what == "poll":
         poll.print_poll(poll.bench_poll(args.connections, args.rounds, args.peer_table))
     if args.what == "filter":

@@ -23,11 +23,11 @@ from tcpinfo.collector.sockfilter import Filter
 PER_CHILD = 4000  # connections per holder process: 8,000 fds, under the 20,000 limit
 
 
-def _hold(topo: Topology, port: int, count: int, ready, done) -> None:
-    """Child: opens `count` connections a -> b:port and keeps them until told to stop."""
+def _hold(topo: Topology, port: int, count: int, ready, done, client_ns: str) -> None:
+    """Child: opens `count` connections from client_ns to b:port and keeps them until told to stop."""
     listener = topo.listen(port=port)
     held = []
-    with topo.inside(topo.ns_a):
+    with topo.inside(client_ns):
         for _ in range(count):
             client = socket.create_connection((topo.b4, port))
             held.append((client, listener.accept()[0]))
@@ -35,17 +35,20 @@ def _hold(topo: Topology, port: int, count: int, ready, done) -> None:
     done.recv()
 
 
-def open_connections(topo: Topology, n: int, port: int = 5000) -> list:
+def open_connections(topo: Topology, n: int, port: int = 5000, same_ns: bool = False) -> list:
     """Starts holder processes until n connections exist (to b's ports from `port` up, one per
-    holder); returns their handles."""
-    topo.exec(topo.ns_a, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
+    holder; from a, or with `same_ns` from b itself, so that b holds both ends); returns their
+    handles."""
+    client_ns = topo.ns_b if same_ns else topo.ns_a
+    topo.exec(client_ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
     ctx = multiprocessing.get_context("fork")
     holders = []
     while n > 0:
         count = min(n, PER_CHILD)
         ready_r, ready_w = ctx.Pipe(False)
         done_r, done_w = ctx.Pipe(False)
-        proc = ctx.Process(target=_hold, args=(topo, port, count, ready_w, done_r), daemon=True)
+        proc = ctx.Process(target=_hold, args=(topo, port, count, ready_w, done_r, client_ns),
+                           daemon=True)
         proc.start()
         holders.append((proc, ready_r, done_w))
         n -= count
@@ -207,22 +210,23 @@ def _poll_totals(topo: Topology) -> tuple[float, float]:
             values["tcpinfo_polling_interval_histogram_count"])
 
 
-def bench_daemon(n: int, seconds: float, flags: list[str]) -> dict:
+def bench_daemon(n: int, seconds: float, flags: list[str], same_ns: bool = False) -> dict:
     """Resident memory and achieved poll cadence of the real tcp-info over n idle connections,
-    archives on tmpfs."""
+    archives on tmpfs; with `same_ns` both ends are in the daemon's namespace (2n sockets)."""
     import shutil
     import signal
     import tempfile
     topo = Topology()
     holders, out = [], tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
-        holders = open_connections(topo, n)
+        holders = open_connections(topo, n, same_ns=same_ns)
+        sockets = 2 * n if same_ns else n
         proc = topo.popen(topo.ns_b, "tcp-info", "-output", out,
                           "-prometheusx.listen-address=127.0.0.1:9990", *flags,
                           stderr=subprocess.DEVNULL)
         start = time.monotonic()
         files = 0
-        while time.monotonic() - start < seconds + 120 and files < n:
+        while time.monotonic() - start < seconds + 120 and files < sockets:
             time.sleep(0.5)
             files = sum(len(f) for _, _, f in os.walk(out))
         sum0, count0 = _poll_totals(topo)
@@ -232,7 +236,8 @@ def bench_daemon(n: int, seconds: float, flags: list[str]) -> dict:
                          if _is_wrapper(proc.pid) else proc.pid)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-        return {"connections": n, "flags": flags, "archives": files, "rss_mb": round(rss, 1),
+        return {"connections": n, "tracked_sockets": sockets, "flags": flags, "archives": files,
+                "rss_mb": round(rss, 1), "bytes_per_socket": round(rss * 2**20 / sockets),
                 "achieved_interval_ms": round((sum1 - sum0) / max(count1 - count0, 1) * 1e3, 1),
                 "polls_per_s": round((count1 - count0) / seconds, 1), "exit": code}
     finally:

@@ -10,7 +10,8 @@ tier, which a connection leaves after -active-linger without a change).  Active 
 upstream's resolution, idle ones are seen by every sweep, and closes still come from the kernel's
 destroy notifications at once.
 
-The sweep period adapts: it halves after a sweep that found a connection new or newly active (down
+A sweep is started early by its own duration (and half a tick), so that from the start of one to
+the end of the next is at most the period: the bound holds.  The sweep period adapts: it halves after a sweep that found a connection new or newly active (down
 to -poll-interval, and never so far that sweeps would take more than SWEEP_SHARE of a CPU), and
 doubles back to -sweep-interval after one that found nothing.  Strict mode sweeps at every tick, as
 upstream does.
@@ -56,7 +57,10 @@ class Tiers:
         wanted = self.period_ns // 2 if joined else self.period_ns * 2
         affordable = int((end_ns - start_ns) / SWEEP_SHARE)
         self.period_ns = max(self.interval_ns, min(self.sweep_interval_ns, max(wanted, affordable)))
-        self._next_sweep_ns = start_ns + self.period_ns
+        # The bound is from one sweep's start to the next one's end, and a sweep due between two
+        # ticks of the look-ups starts at the nearer one: start early by the sweep's own length
+        # and half a tick.
+        self._next_sweep_ns = start_ns + self.period_ns - (end_ns - start_ns) - self.interval_ns // 2
 
     def next_wake(self, tick_ns: int, active: int) -> int:
         """When the loop next polls, given the next tick of the cadence and the size of the active
