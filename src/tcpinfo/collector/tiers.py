@@ -11,10 +11,10 @@ upstream's resolution, idle ones are seen by every sweep, and closes still come 
 destroy notifications at once.
 
 A sweep is started early by its own duration (and half a tick), so that from the start of one to
-the end of the next is at most the period: the bound holds.  The sweep period adapts: it halves after a sweep that found a connection new or newly active (down
-to -poll-interval, and never so far that sweeps would take more than SWEEP_SHARE of a CPU), and
-doubles back to -sweep-interval after one that found nothing.  Strict mode sweeps at every tick, as
-upstream does.
+the end of the next is at most the period: the bound holds.  The sweep period adapts: it halves
+after a sweep that found a connection new or newly active (down to -poll-interval, and never so far
+that sweeps would take more than SWEEP_SHARE of a CPU), and doubles back to -sweep-interval after
+one that found nothing.  Strict mode sweeps at every tick, as upstream does.
 """
 from __future__ import annotations
 
