@@ -156,6 +156,54 @@ int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t p
     return kind;
 }
 
+/* Where one attribute's value is; 0 if absent (or after a malformed rtattr). */
+static uint32_t find_attr(const uint8_t *p, uint32_t n, uint16_t type, uint32_t *len)
+{
+    uint32_t pos = IDM_LEN;
+    while (pos < n && n - pos >= 4) {
+        uint16_t rlen, rtype;
+        memcpy(&rlen, p + pos, 2);
+        memcpy(&rtype, p + pos + 2, 2);
+        if (rlen < 4 || rlen > n - pos)
+            return 0;
+        if (rtype == type) {
+            *len = rlen - 4u;
+            return pos + 4;
+        }
+        pos += (rlen + 3u) & ~3u;
+    }
+    return 0;
+}
+
+#define SENT_AT offsetof(struct tcp_info, tcpi_bytes_sent)
+#define RECEIVED_AT offsetof(struct tcp_info, tcpi_bytes_received)
+#define COUNTS_END (SENT_AT + 8 > RECEIVED_AT + 8 ? SENT_AT + 8 : RECEIVED_AT + 8)
+
+/* Adds what a reported record moved to the poll's byte counts: its bytes_sent and
+ * bytes_received less those of the connection's previous record (none: a new
+ * connection, counted from zero).  A record without those counters adds nothing, and
+ * neither does one whose previous record had none (a socket seen as a time-wait
+ * remnant before its final record): its bytes were counted up to its last tcp_info. */
+void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n, const uint8_t *prev,
+                 uint32_t plen)
+{
+    uint32_t len = 0, plen_info = 0, off = find_attr(cur, n, INET_DIAG_INFO, &len), poff = 0;
+    uint64_t sent, received, old_sent = 0, old_received = 0;
+    if (!off || len < COUNTS_END)
+        return;
+    if (prev) {
+        poff = find_attr(prev, plen, INET_DIAG_INFO, &plen_info);
+        if (!poff || plen_info < COUNTS_END)
+            return;
+        memcpy(&old_sent, prev + poff + SENT_AT, 8);
+        memcpy(&old_received, prev + poff + RECEIVED_AT, 8);
+    }
+    memcpy(&sent, cur + off + SENT_AT, 8);
+    memcpy(&received, cur + off + RECEIVED_AT, 8);
+    c->result.bytes_sent += sent > old_sent ? sent - old_sent : 0;
+    c->result.bytes_received += received > old_received ? received - old_received : 0;
+}
+
 void tcpi_layout(struct tcpi_layout *out)
 {
     out->idm_len = IDM_LEN;

@@ -81,6 +81,7 @@ static inline __attribute__((always_inline)) int on_socket(struct tcpi_core *c, 
      * segs_out), so the vanished report still carries the last counters. */
     if (kind == TCPI_NO_CHANGE)
         return 0;
+    count_bytes(c, p, n, e->data, e->len);
     if (entry_store(e, p, n) < 0)
         return -1;
     /* The time is its dump's end, not known yet: the source stands in (see stamp). */
@@ -335,6 +336,7 @@ void reset_result(struct tcpi_core *c)
     memset(&c->result.inet, 0, sizeof(c->result.inet));
     memset(&c->result.lookup, 0, sizeof(c->result.lookup));
     c->result.joined = 0;
+    c->result.bytes_sent = c->result.bytes_received = 0;
     c->result.one_walk = 0;
 }
 

@@ -125,6 +125,8 @@ struct tcpi_poll_result {
     uint32_t tracked;              /* connections in the snapshot table after the poll */
     uint32_t active;               /* connections in the fast tier after the poll or refresh */
     uint32_t joined;               /* connections that joined the fast tier in this poll */
+    uint64_t bytes_sent;           /* tcp_info bytes_sent and bytes_received moved since each */
+    uint64_t bytes_received;       /* reported connection's previous record: upstream's rates */
     uint8_t one_walk;              /* the sweep dumped both families in one walk */
     struct tcpi_family_stats inet6;
     struct tcpi_family_stats inet;
@@ -630,6 +632,8 @@ INTERNAL int result_add(struct tcpi_core *c, struct recvec *v, const uint8_t *p,
 INTERNAL int parse_attrs(const uint8_t *p, uint32_t n, struct attrs *a);
 INTERNAL int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen,
                   uint8_t *kind);
+INTERNAL void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n, const uint8_t *prev,
+                          uint32_t plen);
 
 /* filter.c */
 INTERNAL int filter_drops(const struct filter *f, const uint8_t *idm);

@@ -198,3 +198,37 @@ def test_sockets_opened_later_stay_in_the_pollers_namespace(testnet):
         result = poller.poll()
         assert result.vanished == [] and result.tracked == 1
         assert result.inet.messages == 1
+
+
+def _kernel_bytes(sock: socket.socket) -> tuple[int, int]:
+    """(bytes_sent, bytes_received) of a socket from its own TCP_INFO."""
+    from tcpinfo.kernel.tcp import decode_tcp_info
+    info = decode_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512))
+    return info["bytes_sent"], info["bytes_received"]
+
+
+def test_the_polls_byte_counts_add_up_to_the_kernels_counters(testnet):
+    """Upstream's byte-rate histograms are fed by the core: each reported record adds how far the
+    connection's counters moved since its previous one, so their sum is what the socket moved."""
+    with testnet.inside(testnet.ns_a):
+        poller = Poller(Filter(local=False))
+    client, server, _ = testnet.connect()
+    sent = received = 0
+    for size in (0, 70_000, 3_000, 250_000):
+        if size:
+            client.sendall(b"x" * size)
+            server.sendall(b"y" * (size // 2))
+            got = 0
+            while got < size:
+                got += len(server.recv(1 << 20))
+            got = 0
+            while got < size // 2:
+                got += len(client.recv(1 << 20))
+        time.sleep(0.05)
+        result = poller.poll()
+        sent += result.bytes_sent
+        received += result.bytes_received
+    assert (sent, received) == _kernel_bytes(client)
+    assert sent >= 323_000 and received >= 161_500
+    assert poller.poll().bytes_sent == 0      # nothing moved: nothing counted
+    poller.close()

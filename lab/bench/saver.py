@@ -1,8 +1,9 @@
 """Benchmark: changed records per second through the daemon's hot path, on one core.
 
 Per changed socket the collector optionally anonymizes the addresses, encodes the JSON line in C,
-appends it to the saver, which compresses and writes frames, and updates the byte rates: the
-collector's own `RecordWriter`, which this drives, so the benchmark cannot drift from the daemon.
+appends it to the saver, which compresses and writes frames (the C core counts the bytes for the
+byte-rate histograms, not this step): the collector's own `RecordWriter`, which this drives, so the
+benchmark cannot drift from the daemon.
 It replays that path on realistic payloads (the attribute set of UPSTREAM.md §4.1, with the counters moving)
 for 1,000 connections that all change on every simulated 10 ms poll.  Files go to a tmpfs
 (/dev/shm) when there is one, so the number is the collector's CPU cost rather than the disk's: on

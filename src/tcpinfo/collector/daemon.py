@@ -46,15 +46,12 @@ from tcpinfo.collector.selfcheck import read_clock
 from tcpinfo.collector.stopsignals import StopSignals
 from tcpinfo.collector.tiers import Tiers
 from tcpinfo.health.aggregate import Aggregator
-from tcpinfo.kernel.inetdiag import IDM, IDM_LEN, INET_DIAG_INFO, split_message
-from tcpinfo.kernel.tcp import TCP_INFO
+from tcpinfo.kernel.inetdiag import IDM, IDM_LEN
 from tcpinfo.servers.eventserver import EventServer, NullServer
 
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
-_COUNTERS = TCP_INFO.struct_of("bytes_received", "bytes_sent")
-_LOW64 = (1 << 64) - 1
 _SPORT = IDM["sport"]
 
 
@@ -83,31 +80,23 @@ def archive_metadata(poll_interval: str) -> Callable[[], dict]:
 
 
 class ByteRates:
-    """Upstream's send/receive rate histograms, from changed records only.
+    """Upstream's send/receive rate histograms, from the byte counts the C core adds up.
 
-    Upstream sums bytes_sent over every socket each second; here each connection's counters are
-    remembered when it is reported, and a second's rate is the sum of the increases seen in it.
-    Counters only move when a connection does, and any transfer changes the compared fields, so the
-    totals agree without visiting idle sockets.
+    Upstream sums bytes_sent over every socket each second; the core instead adds, for each record
+    it reports, how far the connection's bytes_sent and bytes_received moved since its previous
+    record (a new connection from zero).  Counters only move when a connection does, and any
+    transfer changes the compared fields, so the totals agree without visiting idle sockets, and
+    without a per-connection dict in Python.
     """
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._last: dict[int, int] = {}   # cookie -> bytes_sent << 64 | bytes_received
         self.sent = 0
         self.received = 0
 
-    def update(self, cookie: int, info: bytes | None) -> None:
-        if info is None or len(info) < _COUNTERS.size:
-            return
-        received, sent = _COUNTERS.unpack_from(info)
-        old = self._last.get(cookie, 0)
-        self._last[cookie] = sent << 64 | received
-        self.sent += max(sent - (old >> 64), 0)
-        self.received += max(received - (old & _LOW64), 0)
-
-    def forget(self, cookie: int) -> None:
-        self._last.pop(cookie, None)
+    def add(self, result: PollResult) -> None:
+        self.sent += result.bytes_sent
+        self.received += result.bytes_received
 
     def report(self) -> None:
         self._metrics.send_rate.observe(8 * self.sent)
@@ -116,21 +105,20 @@ class ByteRates:
 
 
 class RecordWriter:
-    """The per-record step of the hot path: anonymize, encode (in C), hand the line to the saver
-    and the counters to the byte rates.  The benchmark of the write path drives this same object."""
+    """The per-record step of the hot path: anonymize, encode (in C), hand the line to the saver.
+    The benchmark of the write path drives this same object."""
 
     def __init__(self, saver: Saver, metrics: Metrics, anonymize: Anonymizer | None = None) -> None:
         self.saver = saver
-        self.rates = ByteRates(metrics)
         self._metrics = metrics
         self._anonymize = anonymize
         self._log = RateLimitedLog(log)
 
     def write(self, payload: bytes, cookie: int, ts: int) -> None:
-        """Appends one snapshot to its connection's archive and its counters to the byte rates."""
+        """Appends one snapshot to its connection's archive."""
         anonymize = self._anonymize
         try:
-            line, info = encode_message(
+            line, _ = encode_message(
                 ts, payload if anonymize is None else anonymize(payload[:IDM_LEN]), payload)
         except ValueError as err:
             self._log(logging.WARNING, "malformed",
@@ -138,7 +126,6 @@ class RecordWriter:
             self._metrics.dropped_records.labels(reason="malformed").inc()
             return
         self.saver.write(cookie, ts, line)
-        self.rates.update(cookie, info)
 
 
 class Collector:
@@ -159,7 +146,7 @@ class Collector:
         self._metrics = metrics
         self._writer = RecordWriter(saver, metrics, anonymize)
         self._archive = self._writer.write
-        self._rates = self._writer.rates
+        self._rates = ByteRates(metrics)
         self._counted_ports = counted_ports
         self._health = health
         self._queries = queries
@@ -237,6 +224,7 @@ class Collector:
     def drain_once(self) -> None:
         """Between polls: archive and announce the connections the kernel says have died."""
         result = self._poller.drain()
+        self._rates.add(result)
         self._count_destroy(result.destroy)
         self._close_destroyed(result.destroyed)
 
@@ -244,6 +232,7 @@ class Collector:
         """One poll, a sweep or a refresh of the fast tier: archive what changed, announce what
         opened and closed, flush what is due."""
         result = self._poller.poll() if sweep else self._poller.refresh()
+        self._rates.add(result)
         self.polls += 1
         events, prefix, counted = self._events, self._prefix, self._counted_ports
         new = 0
@@ -260,7 +249,6 @@ class Collector:
         self._close_destroyed(result.destroyed)
         now_ns = time.time_ns()
         for payload, cookie, *_ in result.vanished:
-            self._rates.update(cookie, _info_of(payload))
             self._close(cookie, now_ns, payload)
         self._saver.flush_due(now_ns)
         self._count(result, new)
@@ -277,7 +265,6 @@ class Collector:
         if self._health is not None:
             self._health.observe_close(cookie, final, ts)
         self._saver.close_connection(cookie, ts)
-        self._rates.forget(cookie)
         port = self._port_of.pop(cookie, None)
         if port is not None:
             self._metrics.port_connections.labels(port=str(port)).dec()
@@ -388,12 +375,3 @@ class Collector:
         self._events.close()
         self._poller.close()
         self._metrics.buffered_bytes.set(0)
-
-
-def _info_of(payload: bytes) -> bytes | None:
-    """The INFO attribute of a vanished socket's last snapshot (its final byte counters)."""
-    try:
-        _, attributes = split_message(payload)
-    except ValueError:
-        return None
-    return attributes[INET_DIAG_INFO] if len(attributes) > INET_DIAG_INFO else None

@@ -100,6 +100,8 @@ class PollResult:
     joined: int = 0          # connections that joined it in this poll (new, or active again)
     one_walk: bool = False   # a sweep that walked the kernel's table once for both families
     lookup: LookupStats | None = None   # a refresh's look-ups; None for a sweep
+    bytes_sent: int = 0      # bytes_sent the reported records moved (each since its previous one)
+    bytes_received: int = 0
 
 
 def _family_stats(st) -> FamilyStats:
@@ -388,7 +390,8 @@ class Poller:
                           DestroyStats(*(getattr(res.destroy, name)   # same names as in C
                                          for name in DestroyStats._fields)),
                           res.tracked, res.active, res.joined, bool(res.one_walk),
-                          _lookup_stats(res.lookup) if lookup else None)
+                          _lookup_stats(res.lookup) if lookup else None, res.bytes_sent,
+                          res.bytes_received)
 
     def snapshot(self, cookie: int) -> bytes | None:
         """The last message the polls reported for an open connection, or None (not open, or
