@@ -30,6 +30,26 @@ def test_each_flush_appends_one_complete_frame_that_zstd_decodes(tmp_path, metri
     subprocess.run(["zstd", "-t", "-q", str(path)], check=True)
 
 
+def test_a_connection_that_went_quiet_goes_on_in_its_file_with_its_start_and_sequence(tmp_path,
+                                                                                       metrics):
+    """After its buffer is written for age, an idle connection is kept packed; its next record
+    lands in the same file, and at rotation the next sequence keeps the first StartTime."""
+    saver = Saver(str(tmp_path), PREFIX, metrics, Limits(flush_age_ns=5 * S, rotate_ns=360 * S))
+    saver.write(9, T0, line(T0, 1))
+    saver.flush_due(T0 + 6 * S)                 # written for age: now idle
+    assert saver.cookies() == [9] and saver.open_connections == 1
+    saver.write(9, T0 + 30 * S, line(T0 + 30 * S, 2))
+    saver.flush_due(T0 + 40 * S)
+    saver.write(9, T0 + 361 * S, line(T0 + 361 * S, 3))   # past the rotation: the next file
+    saver.close(T0 + 370 * S)
+    first, second = sorted(tmp_path.rglob("*.zst"), key=lambda p: p.name)
+    assert (first.name.split(".")[1], second.name.split(".")[1]) == ("00000", "00001")
+    assert numbers(first) == [1, 2] and numbers(second) == [3]
+    assert second.parent.name == "02"           # dated by rotation time, the next day
+    header = decode_line(frames(second)[0].splitlines()[0]).metadata
+    assert header["Sequence"] == 1 and header["StartTime"] == "2026-03-01T23:55:00Z"
+
+
 def test_nothing_is_written_before_the_flush_age_and_everything_after_it(tmp_path, metrics):
     saver = Saver(str(tmp_path), PREFIX, metrics, Limits(flush_age_ns=5 * S))
     saver.write(1, T0, line(T0, 1))

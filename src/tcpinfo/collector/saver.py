@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -54,6 +55,12 @@ class Limits:
     rotate_ns: int = 600_000_000_000
 
 
+# An idle connection (nothing pending, its file written) is kept packed, not as a _Connection:
+# start_ns, expires_ns, inode, day (days since the epoch), seq.  With 200,000 idle connections
+# that is about 130 bytes less each.
+_IDLE = struct.Struct("<qqqqI")
+
+
 class _Connection:
     """What the saver remembers about one connection; small, because there may be 100,000."""
     __slots__ = ("cookie", "start_ns", "seq", "day", "expires_ns", "inode", "lines", "size",
@@ -69,6 +76,18 @@ class _Connection:
         self.lines: list[bytes] | None = None  # pending lines, None when there are none
         self.size = 0                   # their total length
         self.first_ns = 0               # timestamp of the oldest pending line
+
+    def pack(self, day_key: int) -> bytes:
+        """The idle form: what a connection with nothing pending needs to go on later."""
+        return _IDLE.pack(self.start_ns, self.expires_ns, self.inode, day_key, self.seq)
+
+    @classmethod
+    def unpack(cls, cookie: int, packed: bytes, day: Callable[[int], str]) -> _Connection:
+        start_ns, expires_ns, inode, day_key, seq = _IDLE.unpack(packed)
+        conn = cls(cookie, start_ns, day(day_key * NS_PER_DAY), expires_ns)
+        conn.inode = inode
+        conn.seq = seq
+        return conn
 
 
 class Saver:
@@ -90,12 +109,13 @@ class Saver:
         self._flush_size = limits.flush_size      # the two limits checked on every write
         self._total_limit = limits.total_limit
         self._extra = extra_metadata
-        self._conns: dict[int, _Connection] = {}
+        self._conns: dict[int, _Connection | bytes] = {}   # bytes: packed while idle
         self._dirty: OrderedDict[_Connection, None] = OrderedDict()  # oldest pending line first
         self._pending = 0
         self._retry_ns = 0              # no write is attempted before this time (after a failure)
         self._failing: set[str] = set()  # causes logged since the last successful write
         self._days: dict[int, str] = {}
+        self._day_keys: dict[str, int] = {}
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
 
     # ----------------------------------------------------------------------------- public API
@@ -113,7 +133,10 @@ class Saver:
 
     def write(self, cookie: int, ts_ns: int, line: bytes) -> None:
         """Queues one record line (from encode_record) of a connection; its first line opens it."""
-        conn = self._conns.get(cookie)
+        found = self._conns.get(cookie)
+        if isinstance(found, bytes):
+            found = self._conns[cookie] = _Connection.unpack(cookie, found, self._day)
+        conn = found
         if conn is None or ts_ns >= conn.expires_ns:
             conn = self._open_or_rotate(cookie, conn, ts_ns)
         n = len(line)
@@ -136,7 +159,7 @@ class Saver:
         If the write fails, its records stay queued and are retried like any other.
         """
         conn = self._conns.pop(cookie, None)
-        if conn is not None and conn.lines is not None and now_ns >= self._retry_ns:
+        if isinstance(conn, _Connection) and conn.lines is not None and now_ns >= self._retry_ns:
             self._flush(conn, now_ns)
 
     def flush_due(self, now_ns: int) -> None:
@@ -144,11 +167,13 @@ class Saver:
         if now_ns < self._retry_ns:
             return
         oldest_allowed = now_ns - self._limits.flush_age_ns
-        dirty = self._dirty
+        dirty, conns = self._dirty, self._conns
         while dirty:
             conn = next(iter(dirty))
             if conn.first_ns > oldest_allowed or not self._flush(conn, now_ns):
                 return
+            if conns.get(conn.cookie) is conn:   # a connection that went quiet: pack it
+                conns[conn.cookie] = conn.pack(self._day_keys[conn.day])
 
     def close(self, now_ns: int) -> None:
         """Shutdown: writes everything pending, giving up (and counting) after repeated failures."""
@@ -174,6 +199,7 @@ class Saver:
         day = self._days.get(key)
         if day is None:
             day = self._days[key] = time.strftime("%Y/%m/%d", time.gmtime(key * 86_400))
+            self._day_keys[day] = key
         return day
 
     def _open_or_rotate(self, cookie: int, conn: _Connection | None, ts_ns: int) -> _Connection:
