@@ -79,6 +79,9 @@ def test_reps_parses_like_go_base_zero(text, value):
     (["-destroy-events=maybe"], "invalid value 'maybe' for flag -destroy-events"),
     (["-dump-threads=0"], "dump threads '0' must be auto or between 1 and 16"),
     (["-dump-threads=many"], "many"),
+    (["-strict=sometimes"], "invalid value 'sometimes' for flag -strict"),
+    (["-sweep-interval=0"], "invalid value '0' for flag -sweep-interval"),
+    (["-active-linger=soon"], "invalid value 'soon' for flag -active-linger"),
     (["-uuid-prefix-file=/nonexistent/prefix"], "No such file or directory"),
     (["-nosuch"], "flag provided but not defined: -nosuch"),
     (["-reps"], "flag needs an argument: -reps"),
@@ -183,6 +186,16 @@ def test_health_and_remote_write_settings_reach_their_configs():
     assert push is not None and (push.url, push.instance, push.job) == \
         ("http://p:9090/api/v1/write", "edge-1", "tcp-info")
     assert parse([], {}).remote_write_config() is None and parse([], {}).health
+
+
+def test_the_tiers_default_to_100ms_sweeps_and_a_1s_linger_and_strict_mode_is_one_flag():
+    config = parse([], {})
+    assert (config.strict, config.sweep_interval_ns, config.active_linger_ns) == \
+        (False, 100_000_000, 1_000_000_000)
+    config = parse(["-strict", "-sweep-interval=250ms"], {"ACTIVE_LINGER": "3s"})
+    assert (config.strict, config.sweep_interval_ns, config.active_linger_ns) == \
+        (True, 250_000_000, 3_000_000_000)
+    assert "strict mode" in flags.usage().lower()
 
 
 def test_every_logged_argument_is_a_value_the_flag_accepts_back():
