@@ -72,7 +72,9 @@ static inline __attribute__((always_inline)) int on_socket(struct tcpi_core *c, 
     e->epoch = c->epoch;
     e->since_ns = 0;
     e->family = idm_family(p);
-    if (kind != TCPI_NO_CHANGE && !e->active && c->tier.idle_lookups && tier_join(c, e) < 0)
+    /* The first poll finds every connection new: that says nothing of which are active. */
+    if (kind != TCPI_NO_CHANGE && !e->active && c->tier.idle_lookups && c->epoch > 1 &&
+        tier_join(c, e) < 0)
         return -1;
     /* An unchanged message equals the stored copy in every byte Compare reads, so
      * the copy is only renewed on a change: comparing with it is comparing with the

@@ -159,7 +159,7 @@ def test_auto_threads_never_add_a_thread_with_little_to_split():
     slow = 1e9   # a poll of a second: the kernel's walk of a huge table, not the sockets
     assert shares.threads_wanted(1, 2, slow, worth_splitting=False) == 1
     assert shares.threads_wanted(2, 2, slow, worth_splitting=False) == 1
-    assert shares.engage_ns(100_000_000) == 25_000_000   # a quarter of a 100 ms sweep period
+    assert shares.engage_ns(100_000_000) == 50_000_000   # half of a 100 ms sweep period
     assert shares.engage_ns(10_000_000) == shares.ENGAGE_NS
 
 
@@ -178,7 +178,9 @@ def test_auto_threads_switch_without_losing_or_repeating_a_connection(testnet):
     with testnet.inside(testnet.ns_b):
         poller = Poller()
     poller.auto_threads(2, engage_ns=0, release_ns=0, split_min=0)   # any poll is "slow"
-    assert len(poller.poll().changes) == 900 and poller.threads == 2
+    assert len(poller.poll().changes) == 900 and poller.threads == 1   # the first is no measure
+    poller._adapt_at = 0
+    assert poller.poll().changes == [] and poller.threads == 2
     for _ in range(3):
         poller._rebalance_at = 0
         idle = poller.poll()
@@ -194,11 +196,19 @@ def test_auto_threads_switch_without_losing_or_repeating_a_connection(testnet):
     assert [v.cookie for v in poller.poll().vanished] == [gone]
 
 
-def test_the_daemon_adds_a_dump_thread_when_polls_are_slow(testnet, tmp_path, daemons):
-    # 12,000 connections (held by child processes): polls of ~15 ms here, well over auto's 5 ms
+def test_the_daemon_adds_a_dump_thread_when_polls_are_slow_and_not_for_far_apart_sweeps(
+        testnet, tmp_path, daemons):
+    # 12,000 connections (held by child processes): polls of ~15 ms here, well over strict mode's
+    # 5 ms, and well under half of the tiers' 100 ms sweep period
     holders = bench.open_connections(testnet, 12000)
     try:
-        daemon = daemons(testnet, testnet.ns_a, tmp_path / "out",
+        tiers = daemons(testnet, testnet.ns_a, tmp_path / "tiers",
+                        "-prometheusx.listen-address=127.0.0.1:9990")
+        tiers.wait_for("First poll done", timeout=60)
+        time.sleep(4.5)   # two of auto's checks, 2 s apart
+        assert metric(scrape(testnet, testnet.ns_a), "tcpinfo_dump_threads") == 1
+        assert tiers.stop(timeout=60) == 0, tiers.text()
+        daemon = daemons(testnet, testnet.ns_a, tmp_path / "out", "-strict",
                          "-prometheusx.listen-address=127.0.0.1:9990")
         daemon.wait_for("First poll done", timeout=60)
         wait_until(lambda: metric(scrape(testnet, testnet.ns_a), "tcpinfo_dump_threads") == 2,

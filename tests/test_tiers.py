@@ -24,11 +24,11 @@ def test_an_idle_host_is_swept_every_sweep_interval_and_never_woken_in_between()
     assert tiers.sweep_due(0)
     tiers.swept(0, 1 * MS, joined=0)
     assert tiers.period_ns == 100 * MS
-    # The ticks between are skipped; the next sweep starts early by its length and half a tick,
-    # so that it ends within 100 ms of this one's start.
-    assert tiers.next_wake(10 * MS, active=0) == 94 * MS
+    # The ticks between are skipped; the next sweep starts early by 1.25 times its length and a
+    # tick, so that it ends within 100 ms of this one's start.
+    assert tiers.next_wake(10 * MS, active=0) == 88_750_000
     assert not tiers.sweep_due(50 * MS)
-    assert tiers.sweep_due(89 * MS)                          # a tick half a tick early is on time
+    assert tiers.sweep_due(84 * MS)                          # a tick half a tick early is on time
 
 
 def test_with_active_connections_the_sweep_falls_on_a_tick_and_ends_within_the_bound():
@@ -36,6 +36,8 @@ def test_with_active_connections_the_sweep_falls_on_a_tick_and_ends_within_the_b
     tiers.swept(0, 17 * MS, joined=0)                        # a 17 ms sweep of a busy table
     start = next(t for t in range(0, 200 * MS, 10 * MS) if tiers.sweep_due(t))
     assert start + 17 * MS <= 100 * MS
+    late = start + 9 * MS                                    # a tick woken 9 ms late
+    assert late + 1.2 * 17 * MS <= 100 * MS                  # and a sweep a fifth longer
 
 
 def test_sweeps_come_sooner_while_they_find_connections_and_back_off_when_they_do_not():
@@ -134,6 +136,7 @@ def test_one_walk_sees_every_socket_of_both_families_as_the_two_family_dumps_do(
 
 def test_a_new_connection_is_followed_by_look_ups_until_it_goes_idle(testnet):
     poller = _poller(testnet, testnet.ns_a, idle_lookups=3)
+    poller.poll()
     client, server, _ = testnet.connect()
     cookie = cookie_of(client)
     swept = poller.poll()
@@ -152,6 +155,7 @@ def test_a_new_connection_is_followed_by_look_ups_until_it_goes_idle(testnet):
 
 def test_an_idle_connection_that_moves_is_caught_by_the_next_sweep_then_followed_at_once(testnet):
     poller = _poller(testnet, testnet.ns_a, idle_lookups=1)
+    poller.poll()
     client, server, _ = testnet.connect()
     cookie = cookie_of(client)
     poller.poll()
@@ -167,6 +171,7 @@ def test_an_idle_connection_that_moves_is_caught_by_the_next_sweep_then_followed
 
 def test_a_look_up_of_a_socket_that_died_meanwhile_is_a_miss_not_a_close(testnet):
     poller = _poller(testnet, testnet.ns_a)          # no destroy listener: only polls close
+    poller.poll()
     client, server, _ = testnet.connect()
     cookie = cookie_of(client)
     poller.poll()
@@ -185,6 +190,7 @@ def test_a_look_up_of_a_socket_that_died_meanwhile_is_a_miss_not_a_close(testnet
 
 def test_a_connection_closed_between_look_ups_is_closed_once_by_its_destroy_notification(testnet):
     poller = _poller(testnet, testnet.ns_a, destroy=True)
+    poller.poll()
     client, server, _ = testnet.connect()
     cookie = cookie_of(client)
     poller.poll()
@@ -203,8 +209,22 @@ def test_a_connection_closed_between_look_ups_is_closed_once_by_its_destroy_noti
     poller.close()
 
 
+def test_the_first_sweep_finds_every_connection_new_but_none_active(testnet):
+    pairs = testnet.open_many(4)
+    poller = _poller(testnet, testnet.ns_a)
+    first = poller.poll()
+    assert len(first.changes) == 4 and first.active == 0 and first.joined == 0
+    _send(*pairs[0])
+    assert poller.poll().active == 1                 # the one that moved
+    poller.close()
+    for pair in pairs:
+        for s in pair:
+            s.close()
+
+
 def test_turning_the_fast_tier_off_empties_it(testnet):
     poller = _poller(testnet, testnet.ns_a)
+    poller.poll()
     pairs = testnet.open_many(4)
     assert poller.poll().active == 4
     poller.set_fast_tier(0)

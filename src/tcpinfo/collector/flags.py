@@ -363,7 +363,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dump-threads", "dump_threads", parse_threads,
          "Threads that dump sockets in parallel, each a share of the ports: with 2, a poll "
          "takes about 0.6-0.67x the time for about 1.1x the CPU. auto: a second thread only "
-         "while sweeps of 2000 or more connections take over a quarter of -sweep-interval (of "
+         "while sweeps of 2000 or more connections take over half of -sweep-interval (of "
          "5 ms in strict mode), with at least 2 CPUs and no -cpu-budget.", metavar="auto|int",
          show=show_threads),
     Flag("strict", "strict", parse_bool,

@@ -168,6 +168,7 @@ class Poller:
         self._auto_limits: tuple[float, float] = (shares.ENGAGE_NS, shares.RELEASE_NS)
         self._split_min = shares.SPLIT_MIN
         self._poll_ns = 0.0              # poll wall time, smoothed
+        self._polled = False             # the first poll was seen (and left out of _poll_ns)
         self._adapt_at = 0
         self.set_filter(sockets or Filter())
 
@@ -269,6 +270,9 @@ class Poller:
         self._split_min = split_min
 
     def _adapt(self, poll_ns: int, tracked: int) -> None:
+        if not self._polled:        # the first poll records every connection: not a measure
+            self._polled = True
+            return
         self._poll_ns = poll_ns if not self._poll_ns else 0.8 * self._poll_ns + 0.2 * poll_ns
         now = time.monotonic_ns()
         if now < self._adapt_at:

@@ -10,8 +10,8 @@ tier, which a connection leaves after -active-linger without a change).  Active 
 upstream's resolution, idle ones are seen by every sweep, and closes still come from the kernel's
 destroy notifications at once.
 
-A sweep is started early by its own duration (and half a tick), so that from the start of one to
-the end of the next is at most the period: the bound holds.  The sweep period adapts: it halves
+A sweep is started early by a little more than its own duration and a tick, so that from the start
+of one to the end of the next is at most the period: the bound holds.  The sweep period adapts: it halves
 after a sweep that found a connection new or newly active (down to -poll-interval, and never so far
 that sweeps would take more than SWEEP_SHARE of a CPU), and doubles back to -sweep-interval after
 one that found nothing.  Strict mode sweeps at every tick, as upstream does.
@@ -57,10 +57,11 @@ class Tiers:
         wanted = self.period_ns // 2 if joined else self.period_ns * 2
         affordable = int((end_ns - start_ns) / SWEEP_SHARE)
         self.period_ns = max(self.interval_ns, min(self.sweep_interval_ns, max(wanted, affordable)))
-        # The bound is from one sweep's start to the next one's end, and a sweep due between two
-        # ticks of the look-ups starts at the nearer one: start early by the sweep's own length
-        # and half a tick.
-        self._next_sweep_ns = start_ns + self.period_ns - (end_ns - start_ns) - self.interval_ns // 2
+        # The bound is from one sweep's start to the next one's end: start the next early by this
+        # one's length and a quarter more (sweeps vary), and by a tick, since it starts at a tick
+        # of the look-ups, which a busy machine may also wake late.
+        margin = (end_ns - start_ns) * 5 // 4 + self.interval_ns
+        self._next_sweep_ns = start_ns + max(self.period_ns - margin, 0)
 
     def next_wake(self, tick_ns: int, active: int) -> int:
         """When the loop next polls, given the next tick of the cadence and the size of the active
