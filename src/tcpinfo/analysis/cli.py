@@ -1,6 +1,6 @@
-"""``tcpinfo``: offline analysis of tcp-info archives (export, sql, summary; room for more).
+"""``tcpinfo``: offline analysis of tcp-info archives (export, sql, summary, report).
 
-The subcommands need the ``analysis`` extra (pyarrow, DuckDB, numpy); without it each says so
+The subcommands need the ``analysis`` extra (pyarrow, DuckDB, numpy, matplotlib); without it each says so
 in one line, naming the install command, and exits 1.  The collector never imports this.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tcpinfo.csvtool.convert import positive_int
 PROG = "tcpinfo"
 EXTRA = "pip install 'tcpinfo[analysis]'"
 _NEEDS = {"export": ("pyarrow", "numpy"), "sql": ("pyarrow", "numpy", "duckdb"),
-          "summary": ("pyarrow", "numpy", "duckdb")}
+          "summary": ("pyarrow", "numpy", "duckdb"), "report": ("pyarrow", "numpy", "duckdb", "matplotlib")}
 
 
 class MissingExtra(Exception):
@@ -38,9 +38,9 @@ def require(command: str) -> None:
             raise MissingExtra(f"{command} needs {module}, which is not installed ({exc}): {EXTRA}") from None
 
 
-def _input_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="archive files or directories (walked recursively), '-' for stdin (zstd or plain)")
+def _input_flags(p: argparse.ArgumentParser, paths: str = "archive files or directories (walked "
+                 "recursively), '-' for stdin (zstd or plain)") -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help=paths)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip lines that cannot be decoded and report how many on stderr")
     p.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, metavar="N",
@@ -78,6 +78,15 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="one line per connection: totals, RTT, retransmits, why slow")
     _input_flags(s)
     _output_flags(s)
+    r = sub.add_parser("report", help="an HTML page of plots and the summary per connection",
+                       description="Write one self-contained HTML page (no external resources) with a "
+                                   "section per connection: the summary line, RTT, cwnd, delivery rate and "
+                                   "bytes over time with retransmits marked, and the limitation shares.")
+    _input_flags(r, "archive files or directories, '-' for stdin, or connection UUIDs (their archives "
+                    "<UUID>.NNNNN.jsonl[.zst] are found under --search)")
+    r.add_argument("-o", "--output", required=True, metavar="FILE.html", help="the page (replaced)")
+    r.add_argument("--search", action="append", metavar="DIR",
+                   help="where to look for a UUID's archives, recursively (repeatable; default: .)")
     return ap
 
 
@@ -144,13 +153,26 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: exported {counts.rows} {'rows' if args.shape == 'snapshots' else 'snapshots'} "
               f"to {files} file{'s' * (files != 1)} in {args.output}", file=sys.stderr)
         return _skipped(counts.skipped)
-    from tcpinfo.analysis.query import SUMMARY_COLUMNS, connect, summaries
+    from tcpinfo.analysis.query import SUMMARY_COLUMNS, Usage, connect, summaries
     from tcpinfo.analysis.snapshots import Counts
+
+    if args.command == "report":
+        from tcpinfo.analysis.report import report, resolve
+
+        page = Path(args.output)
+        if not page.parent.is_dir():
+            raise Usage(f"-o {args.output}: directory {page.parent} does not exist")
+        counts = Counts()
+        n = report(resolve(args.paths, args.search or ["."]), page, counts, skip_bad=args.skip_bad,
+                   max_line_bytes=args.max_line_bytes, progress=progress)
+        print(f"{PROG}: {n} connection{'s' * (n != 1)} in {args.output}", file=sys.stderr)
+        return _skipped(counts.skipped)
 
     fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
     datasets, archives = _inputs(args.paths)
     counts = Counts()
-    with connect(datasets, archives, counts, skip_bad=args.skip_bad, progress=progress) as con:
+    with connect(datasets, archives, counts, skip_bad=args.skip_bad, max_line_bytes=args.max_line_bytes,
+                 progress=progress) as con:
         if args.command == "sql":
             import duckdb
 

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -109,15 +109,23 @@ class Progress:
         self.start = self._last = time.monotonic()
 
     def update(self, counts: Counts, force: bool = False) -> None:
+        share = self.bytes_done / self.total if self.total else 0.0
+        self._draw(share, lambda rate: f"{self.files_done}/{len(self.sizes)} files  {counts.rows:,} rows  "
+                                       f"{rate(counts.rows):,.0f} rows/s", force)
+
+    def items(self, done: int, total: int, unit: str) -> None:
+        """Progress through ``total`` things other than files (a report's connections)."""
+        self._draw(done / total if total else 1.0, lambda rate: f"{done}/{total} {unit}", done == total)
+
+    def _draw(self, share: float, text: Callable[[Callable[[int], float]], str], force: bool) -> None:
+        """The bar and ``text(rate)`` (``rate(n)``: n per second since the start), at most
+        five times a second unless ``force``."""
         now = time.monotonic()
         if not self.enabled or (not force and now - self._last < 0.2):
             return
         self._last = now
-        rate = counts.rows / max(now - self.start, 1e-9)
-        share = self.bytes_done / self.total if self.total else 0.0
         bar = "#" * int(share * 30)
-        sys.stderr.write(f"\r[{bar:<30}] {100 * share:5.1f}%  {self.files_done}/{len(self.sizes)} files  "
-                         f"{counts.rows:,} rows  {rate:,.0f} rows/s ")
+        sys.stderr.write(f"\r[{bar:<30}] {100 * share:5.1f}%  {text(lambda n: n / max(now - self.start, 1e-9))} ")
         sys.stderr.flush()
 
     def file_done(self, path: str, counts: Counts) -> None:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from tcpinfo.analysis.export import HIVE_NULL, export
 from tcpinfo.analysis.snapshots import SCHEMA, Counts
+from tcpinfo.archive.reader import MAX_LINE_BYTES
 from tcpinfo.health.connection import Summary, aggregate_sql, summarize
 
 CONNECTION_KEY = ("coalesce(nullif(uuid, ''), source_file || '#' || CAST(idm_cookie AS VARCHAR))")
@@ -43,12 +44,13 @@ def _parquet_glob(path: str) -> str:
 
 @contextlib.contextmanager
 def connect(paths: list[str], archives: list[str], counts: Counts | None = None, *, skip_bad: bool = False,
-            progress: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+            max_line_bytes: int = MAX_LINE_BYTES, progress: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection with the view ``snapshots`` over ``paths`` (datasets) or
     ``archives`` (converted first, adding to ``counts``); one of the two is empty."""
     with tempfile.TemporaryDirectory(prefix="tcpinfo-sql-") as tmp:
         if archives:
-            done, _ = export(archives, Path(tmp), skip_bad=skip_bad, progress=progress, partition="date")
+            done, _ = export(archives, Path(tmp), skip_bad=skip_bad, max_line_bytes=max_line_bytes,
+                             progress=progress, partition="date")
             if counts is not None:
                 counts.rows, counts.skipped = counts.rows + done.rows, counts.skipped + done.skipped
             # an empty file keeps the columns when there are no rows
