@@ -14,22 +14,14 @@ import orjson
 import pytest
 
 from helpers.csvtool import bad_inputs, plain
+from helpers.dataset import arrow, read
 from helpers.paths import ARCHIVES, FINWAIT, NDT, TESTDATA, script
 from lab.bench.csvtool import write_archive
 from tcpinfo.archive.record import parse_time
 from tcpinfo.csvtool.upstream import UPSTREAM_HEADER
 
-# pyarrow (through tcpinfo.analysis) is imported only when a test here runs, never at collection:
-# a child's peak RSS (wait4) counts the pages of the process that spawned it, and the csvtool
-# tests that bound their child's memory run before this file (test_archive_bounds, test_csvtool).
-
-
-def arrow():
-    """(pyarrow, pyarrow.dataset), imported on first use."""
-    import pyarrow
-    import pyarrow.dataset
-
-    return pyarrow, pyarrow.dataset
+# pyarrow (through tcpinfo.analysis) is imported only when a test here runs, never at collection
+# (see helpers/dataset.py).
 
 TCPINFO, CSVTOOL = script("tcpinfo"), script("csvtool")
 
@@ -42,13 +34,6 @@ def export(out: Path, *paths, shape: str = "snapshots"):
     result = run("export", "--shape", shape, "-o", str(out), *map(str, paths))
     assert result.returncode == 0, result.stderr
     return read(out).to_table()
-
-
-def read(out: Path):
-    """The dataset with its Hive partition columns typed (a null date cannot be inferred)."""
-    pa, ds = arrow()
-    keys = [("date", pa.date32())] + ([("host", pa.string())] if any(out.rglob("host=*")) else [])
-    return ds.dataset(out, format="parquet", partitioning=ds.partitioning(pa.schema(keys), flavor="hive"))
 
 
 def csv_rows(*args: str) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ import importlib
 import itertools
 import json
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,9 +30,9 @@ class MissingExtra(Exception):
     """An analysis dependency is not installed."""
 
 
-def require(command: str) -> None:
+def require(command: str, engine: str = "host") -> None:
     """Imports what ``command`` needs, or raises MissingExtra naming the install command."""
-    for module in _NEEDS[command]:
+    for module in _NEEDS[command] + (("pyspark",) if engine == "spark" else ()):
         try:
             importlib.import_module(module)
         except ImportError as exc:
@@ -49,6 +50,13 @@ def _input_flags(p: argparse.ArgumentParser, paths: str = "archive files or dire
                    help="progress bar on stderr (default: when stderr is a terminal)")
 
 
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("host", "spark"), default="host",
+                   help="host: this process (default); spark: a PySpark job, one task per group of files")
+    p.add_argument("--master", metavar="URL", default=None,
+                   help="Spark master (--engine spark; default: spark-submit's, else local[*])")
+
+
 def _output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
                    help="table on a terminal, CSV when piped (default); json: one object per line")
@@ -62,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="archives to a Parquet dataset",
                        description="Convert archives to a Hive-partitioned Parquet dataset in DIR.")
     _input_flags(e)
-    e.add_argument("-o", "--output", required=True, metavar="DIR", help="dataset directory (created)")
+    e.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="dataset directory (created), or an object store URL (s3://bucket/prefix)")
     e.add_argument("--shape", choices=("snapshots", "mlab"), default="snapshots",
                    help="snapshots: one flat row per snapshot (default); mlab: one row per archive "
                         "in M-Lab's published row shape")
@@ -71,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
                         "when the file names show several hosts (snapshots shape only)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace a previous export in DIR (its partitions and .parquet files)")
+    _engine_flags(e)
     q = sub.add_parser("sql", help="a DuckDB query over archives or a dataset (table: snapshots)")
     q.add_argument("query", metavar="SQL")
     _input_flags(q)
@@ -78,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="one line per connection: totals, RTT, retransmits, why slow")
     _input_flags(s)
     _output_flags(s)
+    _engine_flags(s)
     r = sub.add_parser("report", help="an HTML page of plots and the summary per connection",
                        description="Write one self-contained HTML page (no external resources) with a "
                                    "section per connection: the summary line, RTT, cwnd, delivery rate and "
@@ -137,19 +148,28 @@ def _inputs(paths: list[str]) -> tuple[list[str], list[str]]:
 def _run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.command == "export":
-        from tcpinfo.analysis.export import clear, export
+        from pyarrow.fs import FileType
+
+        from tcpinfo.analysis.export import clear, entries, export, filesystem
         from tcpinfo.analysis.query import Usage
 
-        out = Path(args.output)
-        if out.exists() and not out.is_dir():
+        fs, root = filesystem(args.output)
+        if fs.get_file_info(root).type == FileType.File:
             raise Usage(f"-o {args.output}: not a directory")
-        if out.is_dir() and any(out.iterdir()):
+        if entries(fs, root):
             if not args.overwrite:
                 raise Usage(f"-o {args.output}: directory is not empty (--overwrite replaces its export)")
-            clear(out)
-        out.mkdir(parents=True, exist_ok=True)
-        counts, files = export(expand_paths(args.paths), out, shape=args.shape, partition=args.partition,
-                               skip_bad=args.skip_bad, max_line_bytes=args.max_line_bytes, progress=progress)
+            clear(fs, root)
+        fs.create_dir(root, recursive=True)
+        kw = dict(shape=args.shape, partition=args.partition, skip_bad=args.skip_bad,
+                  max_line_bytes=args.max_line_bytes)
+        if args.engine == "spark":
+            from tcpinfo.analysis import spark
+
+            with spark.running(args.master) as session:
+                counts, files = spark.export(session, expand_paths(args.paths), args.output, **kw)
+        else:
+            counts, files = export(expand_paths(args.paths), args.output, progress=progress, **kw)
         print(f"{PROG}: exported {counts.rows} {'rows' if args.shape == 'snapshots' else 'snapshots'} "
               f"to {files} file{'s' * (files != 1)} in {args.output}", file=sys.stderr)
         return _skipped(counts.skipped)
@@ -171,6 +191,18 @@ def _run(args: argparse.Namespace) -> int:
     fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
     datasets, archives = _inputs(args.paths)
     counts = Counts()
+    if args.command == "summary" and args.engine == "spark":
+        from tcpinfo.analysis import spark
+
+        with spark.running(args.master) as session, tempfile.TemporaryDirectory(prefix="tcpinfo-spark-") as tmp:
+            if archives:
+                counts, _ = spark.export(session, archives, tmp, partition="date", skip_bad=args.skip_bad,
+                                         max_line_bytes=args.max_line_bytes)
+                datasets = [tmp] if counts.rows else []
+            rows = spark.summaries(session, datasets) if datasets else iter(())
+            _write(([row[c] for c in SUMMARY_COLUMNS] for row in rows), SUMMARY_COLUMNS, fmt)
+        sys.stdout.flush()
+        return _skipped(counts.skipped)
     with connect(datasets, archives, counts, skip_bad=args.skip_bad, max_line_bytes=args.max_line_bytes,
                  progress=progress) as con:
         if args.command == "sql":
@@ -203,11 +235,15 @@ class QueryError(Exception):
     """DuckDB refused the query."""
 
 
+class EngineError(Exception):
+    """The engine could not run (Spark without Java, an unreachable master)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 1 on bad input or a missing extra, 2 on bad usage; one-line errors."""
     args = parser().parse_args(argv)
     try:
-        require(args.command)
+        require(args.command, getattr(args, "engine", "host"))
         from tcpinfo.analysis.query import Usage
         from tcpinfo.csvtool.convert import BadInput
     except MissingExtra as exc:
@@ -218,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except Usage as exc:
         print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (BadInput, ArchiveError, QueryError) as exc:
+    except (BadInput, ArchiveError, QueryError, EngineError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 from tcpinfo.analysis.export import HIVE_NULL, export
 from tcpinfo.analysis.snapshots import SCHEMA, Counts
 from tcpinfo.archive.reader import MAX_LINE_BYTES
-from tcpinfo.health.connection import Summary, aggregate_sql, summarize
+from tcpinfo.health.connection import Summary, aggregate_sql, spark_pick, summarize
 
-CONNECTION_KEY = ("coalesce(nullif(uuid, ''), source_file || '#' || CAST(idm_cookie AS VARCHAR))")
-"""One connection: its UUID, or for an archive without a header (no UUID) file and cookie."""
+CONNECTION_KEY = ("coalesce(nullif(uuid, ''), source_file || '#' || CAST(idm_cookie AS STRING))")
+"""One connection: its UUID, or for an archive without a header (no UUID) file and cookie (SQL
+that DuckDB and Spark both read)."""
 SNAPSHOT_ORDER = "coalesce(archive_sequence, 0) * 4294967296 + source_line"
 """A connection's snapshots in archive order (sequence files in turn, lines within each)."""
 
@@ -74,11 +75,16 @@ def connect(paths: list[str], archives: list[str], counts: Counts | None = None,
             con.close()
 
 
-def summary_sql() -> str:
-    """One row per connection: its key, first time, and every health aggregate."""
-    select = ",\n  ".join(aggregate_sql(order=SNAPSHOT_ORDER))
-    return (f"SELECT {CONNECTION_KEY} AS connection,\n  {select}\nFROM snapshots\n"
-            f"GROUP BY connection ORDER BY first_ns NULLS LAST, connection")
+def summary_sql(spark: bool = False) -> str:
+    """One row per connection: its key, first time, and every health aggregate; in DuckDB's
+    dialect, or Spark SQL's (which reads the nanosecond timestamps as Unix-ns integers)."""
+    if spark:
+        select = aggregate_sql(lambda field: "`" + field.replace(".", "_") + "`", order=SNAPSHOT_ORDER,
+                               time="timestamp", pick=spark_pick)
+    else:
+        select = aggregate_sql(order=SNAPSHOT_ORDER)
+    return (f"SELECT {CONNECTION_KEY} AS connection,\n  " + ",\n  ".join(select) + "\nFROM snapshots\n"
+            "GROUP BY connection ORDER BY first_ns NULLS LAST, connection")
 
 
 SUMMARY_COLUMNS = ["connection", "start"] + list(Summary.__dataclass_fields__)
@@ -86,16 +92,16 @@ SUMMARY_COLUMNS = ["connection", "start"] + list(Summary.__dataclass_fields__)
 
 def summaries(con: duckdb.DuckDBPyConnection) -> Iterator[dict[str, object]]:
     """Each connection's summary as a flat dict (``SUMMARY_COLUMNS``), earliest first."""
-    from datetime import datetime
-
     cursor = con.execute(summary_sql())
     names = [d[0] for d in cursor.description]
     while rows := cursor.fetchmany(1024):
         for row in rows:
-            values = dict(zip(names, row))
-            s = summarize(values)
-            first = values["first_ns"]
-            start = (None if first is None else
-                     datetime.fromtimestamp(first // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-                     + f".{first % 10**9:09d}Z")
-            yield {"connection": values["connection"], "start": start, **s.as_dict()}
+            yield summary_row(dict(zip(names, row)))
+
+
+def summary_row(values: dict[str, object]) -> dict[str, object]:
+    """One row of ``summary_sql`` (whichever engine ran it) as ``SUMMARY_COLUMNS``."""
+    first = values["first_ns"]
+    start = (None if not isinstance(first, int) else
+             datetime.fromtimestamp(first // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{first % 10**9:09d}Z")
+    return {"connection": values["connection"], "start": start, **summarize(values).as_dict()}
