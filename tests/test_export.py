@@ -280,3 +280,60 @@ def test_summary_in_duckdb_equals_the_collectors_accumulator_for_every_connectio
     for key, row in from_sql.items():
         row.pop("start")
         assert row == live[key], key
+
+
+def _data_lines(archive: Path) -> list[tuple[int, bytes]]:
+    from tcpinfo.archive.reader import read_archive
+
+    return [(n, line) for n, line in read_archive(str(archive)) if b'"RawIDM"' in line]
+
+
+def _decode(lines: list[tuple[int, bytes]]):
+    """The block decoder's batch of these lines, or None if it leaves them to the reference."""
+    import numpy as np
+
+    from tcpinfo.analysis import snapshots
+
+    block = b"".join(line + b"\n" for _, line in lines) + bytes(snapshots._SLACK)
+    return snapshots._decode_block(block, len(lines), snapshots._Archive("x"), np.array([n for n, _ in lines]))
+
+
+@pytest.mark.parametrize("archive", ARCHIVES, ids=lambda p: p.name)
+def test_the_block_decoder_takes_go_shaped_lines_and_gives_the_references_rows(archive: Path) -> None:
+    """The fast path is taken on every real archive's lines (else the comparison with csvtool
+    above would only test the reference) and gives exactly the reference's rows."""
+    from tcpinfo.analysis import snapshots
+    from tcpinfo.csvtool.modern import modern_fields
+
+    lines = _data_lines(archive)
+    fast = _decode(lines)
+    assert fast is not None
+    rows = [snapshots._reference_row(modern_fields(line)[0]) for _, line in lines]
+    reference = snapshots._reference_batch(rows, [n for n, _ in lines], snapshots._Archive("x"))
+    for name in fast.schema.names:
+        assert fast.column(name).equals(reference.column(name)), name
+
+
+@pytest.mark.parametrize("change", [
+    (b'"Attributes":[', b'"Attributes": ['), (b',"RawIDM":', b', "RawIDM":'),   # spaces
+    (b'[null,', b'[nullx,'), (b'[null,', b'[nul,'), (b'[null,', b'[,'), (b'[null,', b'[null,,'),
+    (b'[null,"', b'[null"'), (b'[null,"', b'[1234,"'), (b'"]}', b'"]} '), (b'"Timestamp":"', b'"Timestamp":"\\u0032'),
+    (b'{"Timestamp"', b'{"Timestamp":"2019-07-01T00:00:12.092Z","Extra"'),
+])
+def test_the_block_decoder_leaves_every_other_line_shape_to_the_reference(change: tuple[bytes, bytes]) -> None:
+    lines = _data_lines(NDT)[:50]
+    n, line = lines[10]
+    assert change[0] in line
+    lines[10] = (n, line.replace(change[0], change[1], 1))
+    assert _decode(lines[:10]) is not None and _decode(lines) is None
+
+
+def test_a_skipped_bad_line_keeps_the_archives_uuid_on_every_row(tmp_path: Path) -> None:
+    """A batch that a bad line sends to the reference path still carries the header's UUID."""
+    lines = plain(NDT).splitlines(keepends=True)
+    (tmp_path / "ndt.jsonl").write_bytes(b"".join(lines[:100]) + b"nope\n" + b"".join(lines[100:]))
+    result = run("export", "--skip-bad", "-o", str(tmp_path / "ds"), str(tmp_path / "ndt.jsonl"))
+    assert result.returncode == 0, result.stderr
+    table = read(tmp_path / "ds").to_table()
+    assert table.num_rows == 891
+    assert set(table["uuid"].to_pylist()) == {"ndt-7hhhv_1559749627_0000000000062D84"}

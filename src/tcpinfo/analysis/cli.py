@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tcpinfo import __version__
+from tcpinfo.analysis.errors import EngineError, Usage
 from tcpinfo.archive.reader import MAX_LINE_BYTES, STDIN, ArchiveError, expand_paths
 from tcpinfo.csvtool.convert import positive_int
 
@@ -137,7 +138,7 @@ def _jsonable(v: object) -> object:
 
 def _inputs(paths: list[str]) -> tuple[list[str], list[str]]:
     """(datasets, archives) among ``paths``; mixing them is a usage error."""
-    from tcpinfo.analysis.query import Usage, is_dataset
+    from tcpinfo.analysis.query import is_dataset
 
     datasets = [p for p in paths if p != STDIN and is_dataset(p)]
     if datasets and len(datasets) != len(paths):
@@ -151,7 +152,6 @@ def _run(args: argparse.Namespace) -> int:
         from pyarrow.fs import FileType
 
         from tcpinfo.analysis.export import clear, entries, export, filesystem
-        from tcpinfo.analysis.query import Usage
 
         fs, root = filesystem(args.output)
         if fs.get_file_info(root).type == FileType.File:
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: exported {counts.rows} {'rows' if args.shape == 'snapshots' else 'snapshots'} "
               f"to {files} file{'s' * (files != 1)} in {args.output}", file=sys.stderr)
         return _skipped(counts.skipped)
-    from tcpinfo.analysis.query import SUMMARY_COLUMNS, Usage, connect, summaries
+    from tcpinfo.analysis.query import SUMMARY_COLUMNS, connect, summaries
     from tcpinfo.analysis.snapshots import Counts
 
     if args.command == "report":
@@ -235,16 +235,11 @@ class QueryError(Exception):
     """DuckDB refused the query."""
 
 
-class EngineError(Exception):
-    """The engine could not run (Spark without Java, an unreachable master)."""
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 1 on bad input or a missing extra, 2 on bad usage; one-line errors."""
     args = parser().parse_args(argv)
     try:
         require(args.command, getattr(args, "engine", "host"))
-        from tcpinfo.analysis.query import Usage
         from tcpinfo.csvtool.convert import BadInput
     except MissingExtra as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
+from tcpinfo.analysis.errors import Usage
 from tcpinfo.analysis.export import HIVE_NULL, export
 from tcpinfo.analysis.snapshots import SCHEMA, Counts
 from tcpinfo.archive.reader import MAX_LINE_BYTES
@@ -27,10 +28,6 @@ CONNECTION_KEY = ("coalesce(nullif(uuid, ''), source_file || '#' || CAST(idm_coo
 that DuckDB and Spark both read)."""
 SNAPSHOT_ORDER = "coalesce(archive_sequence, 0) * 4294967296 + source_line"
 """A connection's snapshots in archive order (sequence files in turn, lines within each)."""
-
-
-class Usage(Exception):
-    """A bad combination of inputs: exit 2 with the message."""
 
 
 def is_dataset(path: str) -> bool:

@@ -27,6 +27,7 @@ from py4j.protocol import Py4JError
 from pyspark.errors import PySparkException
 from pyspark.sql import SparkSession
 
+from tcpinfo.analysis.errors import EngineError
 from tcpinfo.analysis.export import filesystem, partition_by, write_group
 from tcpinfo.analysis.query import summary_row, summary_sql
 from tcpinfo.analysis.snapshots import Counts
@@ -78,8 +79,6 @@ def _quiet_log4j() -> str:
 def running(master: str | None = None) -> Iterator[SparkSession]:
     """``session(master)``, stopped at the end; a Spark that cannot start (no Java, a master
     that does not answer) is an EngineError of one line."""
-    from tcpinfo.analysis.cli import EngineError
-
     def first_line(exc: Exception) -> str:
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
