@@ -7,7 +7,6 @@ import io
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -15,6 +14,7 @@ import pytest
 
 from helpers.csvtool import bad_inputs, plain
 from helpers.dataset import arrow, read
+from helpers.extra import assert_missing_module_is_one_line
 from helpers.paths import ARCHIVES, FINWAIT, NDT, TESTDATA, script
 from lab.bench.csvtool import write_archive
 from tcpinfo.archive.record import parse_time
@@ -230,12 +230,7 @@ def test_summary_prints_one_line_per_connection_in_csv_json_and_on_a_terminal(tm
 
 
 def test_missing_extra_is_one_line_naming_the_install_command(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['pyarrow'] = None; from tcpinfo.analysis.cli import main; "
-            f"sys.exit(main(['export', '-o', {str(tmp_path / 'x')!r}, {str(NDT)!r}]))")
-    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, cwd=tmp_path)
-    err = result.stderr.decode()
-    assert result.returncode == 1 and err.count("\n") == 1
-    assert "pyarrow" in err and "pip install 'tcpinfo[analysis]'" in err
+    assert_missing_module_is_one_line("pyarrow", ["export", "-o", str(tmp_path / "x"), str(NDT)], tmp_path)
 
 
 def test_one_hundred_thousand_record_export_runs_in_bounded_memory(tmp_path: Path, monkeypatch) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 
 from helpers.chromium import render, require_chromium
+from helpers.extra import assert_missing_module_is_one_line
 from helpers.paths import FINWAIT, NDT, script
 
 TCPINFO = script("tcpinfo")
@@ -107,9 +107,4 @@ def test_an_unknown_uuid_or_a_missing_output_directory_is_a_one_line_error(tmp_p
 
 
 def test_report_without_matplotlib_is_one_line_naming_the_install_command(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['matplotlib'] = None; from tcpinfo.analysis.cli import main; "
-            f"sys.exit(main(['report', '-o', {str(tmp_path / 'x.html')!r}, {str(NDT)!r}]))")
-    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, cwd=tmp_path)
-    err = result.stderr.decode()
-    assert result.returncode == 1 and err.count("\n") == 1
-    assert "matplotlib" in err and "pip install 'tcpinfo[analysis]'" in err
+    assert_missing_module_is_one_line("matplotlib", ["report", "-o", str(tmp_path / "x.html"), str(NDT)], tmp_path)

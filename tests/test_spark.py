@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -15,6 +14,7 @@ import pytest
 
 from helpers.csvtool import plain
 from helpers.dataset import sorted_rows
+from helpers.extra import assert_missing_module_is_one_line
 from helpers.paths import FINWAIT, NDT, TESTDATA, script
 from helpers.s3 import moto_server
 
@@ -151,9 +151,5 @@ def run_plain(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_spark_engine_without_pyspark_is_one_line_naming_the_install_command(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['pyspark'] = None; from tcpinfo.analysis.cli import main; "
-            f"sys.exit(main(['export', '--engine', 'spark', '-o', {str(tmp_path / 'x')!r}, {str(NDT)!r}]))")
-    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, cwd=tmp_path)
-    err = result.stderr.decode()
-    assert result.returncode == 1 and err.count("\n") == 1
-    assert "pyspark" in err and "pip install 'tcpinfo[analysis]'" in err
+    assert_missing_module_is_one_line("pyspark", ["export", "--engine", "spark", "-o", str(tmp_path / "x"), str(NDT)],
+                                      tmp_path)

@@ -5,12 +5,15 @@ prints) with ``.`` written ``_`` (``tcp.rtt`` -> ``tcp_rtt``: SQL needs no quoti
 as the kernel's struct member (uint8 ... uint64), null where the kernel did not send it, plus
 the archive's UUID, host and Metadata and where each row came from.
 
-``archive_batches`` is a pure function of one archive (a path or ``-``): a Spark job can run it
-per file (``mapInArrow``) and gets exactly what ``tcpinfo export`` writes.  Speed comes from
-decoding columns, not rows: each line is parsed (orjson) and its base64 decoded in a tight loop,
-then a batch's attributes are decoded at once per type (numpy views of the kernel structs).  A
-line that is not in the shape Go's encoder writes takes the reference path (``modern_fields``),
-which is also where bad input gets csvtool's one-line errors.
+``archive_batches`` is a pure function of one archive (a path or ``-``): a distributed engine
+runs it per file (``analysis.spark`` does, through ``export.write_group``) and gets exactly what
+``tcpinfo export`` writes.  Speed comes from never touching a line in Python: the reader's text
+blocks are joined as they are, and ``_decode_block`` parses a batch of lines in the exact shape
+Go's encoder writes with whole-buffer array operations (positions of quotes, commas and
+newlines; the fixed text checked at its places), decodes each attribute type's base64 in one C
+call and views the kernel structs with numpy dtypes.  A line in another JSON spelling is
+re-written in Go's shape (orjson) and decoded with its neighbours; anything else takes the
+reference path (``modern_fields``), which is also where bad input gets csvtool's one-line errors.
 """
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ from tcpinfo.kernel.inetdiag import (
 from tcpinfo.kernel.tcp import Layout, state_name
 
 BATCH_ROWS = 8_192
-"""Rows per record batch (and Parquet row group): one batch of lines and their decoded
-attributes as Python objects is ~40 MB, so memory stays flat whatever the input."""
+"""Rows per record batch (and Parquet row group): a batch's text, its parse arrays and its
+columns are ~50 MB at most, so memory stays flat whatever the input."""
 
 _ARROW_INT = {"B": pa.uint8(), "H": pa.uint16(), "I": pa.uint32(), "Q": pa.uint64()}
 _NUMPY_INT = {"B": "u1", "H": "u2", "I": "u4", "Q": "u8"}
@@ -410,6 +413,7 @@ class _Pending:
         self.rows = 0
 
     def add_text(self, text: bytes, first: int, count: int, original: bytes | None = None) -> None:
+        """``count`` whole lines numbered from ``first`` (``original``: as read, if rewritten)."""
         self.texts.append(text)
         self.originals.append(text if original is None else original)
         self.firsts.append(first)
@@ -433,6 +437,7 @@ class _Pending:
         return True
 
     def linenos(self) -> np.ndarray:
+        """Each line's number in the archive."""
         return np.concatenate([np.arange(f, f + c) for f, c in zip(self.firsts, self.counts)])
 
     def lines(self) -> Iterator[tuple[bytes, int]]:
@@ -441,8 +446,6 @@ class _Pending:
             lines = text.split(b"\n")
             lines.pop()
             yield from zip(lines, itertools.count(first))
-
-
 
 
 def _cong(raw: bytes) -> str:
