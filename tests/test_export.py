@@ -7,29 +7,21 @@ import io
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
 
 from helpers.csvtool import bad_inputs, plain
+from helpers.dataset import arrow, read
+from helpers.extra import assert_missing_module_is_one_line
 from helpers.paths import ARCHIVES, FINWAIT, NDT, TESTDATA, script
 from lab.bench.csvtool import write_archive
 from tcpinfo.archive.record import parse_time
 from tcpinfo.csvtool.upstream import UPSTREAM_HEADER
 
-# pyarrow (through tcpinfo.analysis) is imported only when a test here runs, never at collection:
-# a child's peak RSS (wait4) counts the pages of the process that spawned it, and the csvtool
-# tests that bound their child's memory run before this file (test_archive_bounds, test_csvtool).
-
-
-def arrow():
-    """(pyarrow, pyarrow.dataset), imported on first use."""
-    import pyarrow
-    import pyarrow.dataset
-
-    return pyarrow, pyarrow.dataset
+# pyarrow (through tcpinfo.analysis) is imported only when a test here runs, never at collection
+# (see helpers/dataset.py).
 
 TCPINFO, CSVTOOL = script("tcpinfo"), script("csvtool")
 
@@ -42,13 +34,6 @@ def export(out: Path, *paths, shape: str = "snapshots"):
     result = run("export", "--shape", shape, "-o", str(out), *map(str, paths))
     assert result.returncode == 0, result.stderr
     return read(out).to_table()
-
-
-def read(out: Path):
-    """The dataset with its Hive partition columns typed (a null date cannot be inferred)."""
-    pa, ds = arrow()
-    keys = [("date", pa.date32())] + ([("host", pa.string())] if any(out.rglob("host=*")) else [])
-    return ds.dataset(out, format="parquet", partitioning=ds.partitioning(pa.schema(keys), flavor="hive"))
 
 
 def csv_rows(*args: str) -> list[dict[str, str]]:
@@ -245,12 +230,7 @@ def test_summary_prints_one_line_per_connection_in_csv_json_and_on_a_terminal(tm
 
 
 def test_missing_extra_is_one_line_naming_the_install_command(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['pyarrow'] = None; from tcpinfo.analysis.cli import main; "
-            f"sys.exit(main(['export', '-o', {str(tmp_path / 'x')!r}, {str(NDT)!r}]))")
-    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, cwd=tmp_path)
-    err = result.stderr.decode()
-    assert result.returncode == 1 and err.count("\n") == 1
-    assert "pyarrow" in err and "pip install 'tcpinfo[analysis]'" in err
+    assert_missing_module_is_one_line("pyarrow", ["export", "-o", str(tmp_path / "x"), str(NDT)], tmp_path)
 
 
 def test_one_hundred_thousand_record_export_runs_in_bounded_memory(tmp_path: Path, monkeypatch) -> None:
@@ -295,3 +275,60 @@ def test_summary_in_duckdb_equals_the_collectors_accumulator_for_every_connectio
     for key, row in from_sql.items():
         row.pop("start")
         assert row == live[key], key
+
+
+def _data_lines(archive: Path) -> list[tuple[int, bytes]]:
+    from tcpinfo.archive.reader import read_archive
+
+    return [(n, line) for n, line in read_archive(str(archive)) if b'"RawIDM"' in line]
+
+
+def _decode(lines: list[tuple[int, bytes]]):
+    """The block decoder's batch of these lines, or None if it leaves them to the reference."""
+    import numpy as np
+
+    from tcpinfo.analysis import snapshots
+
+    block = b"".join(line + b"\n" for _, line in lines) + bytes(snapshots._SLACK)
+    return snapshots._decode_block(block, len(lines), snapshots._Archive("x"), np.array([n for n, _ in lines]))
+
+
+@pytest.mark.parametrize("archive", ARCHIVES, ids=lambda p: p.name)
+def test_the_block_decoder_takes_go_shaped_lines_and_gives_the_references_rows(archive: Path) -> None:
+    """The fast path is taken on every real archive's lines (else the comparison with csvtool
+    above would only test the reference) and gives exactly the reference's rows."""
+    from tcpinfo.analysis import snapshots
+    from tcpinfo.csvtool.modern import modern_fields
+
+    lines = _data_lines(archive)
+    fast = _decode(lines)
+    assert fast is not None
+    rows = [snapshots._reference_row(modern_fields(line)[0]) for _, line in lines]
+    reference = snapshots._reference_batch(rows, [n for n, _ in lines], snapshots._Archive("x"))
+    for name in fast.schema.names:
+        assert fast.column(name).equals(reference.column(name)), name
+
+
+@pytest.mark.parametrize("change", [
+    (b'"Attributes":[', b'"Attributes": ['), (b',"RawIDM":', b', "RawIDM":'),   # spaces
+    (b'[null,', b'[nullx,'), (b'[null,', b'[nul,'), (b'[null,', b'[,'), (b'[null,', b'[null,,'),
+    (b'[null,"', b'[null"'), (b'[null,"', b'[1234,"'), (b'"]}', b'"]} '), (b'"Timestamp":"', b'"Timestamp":"\\u0032'),
+    (b'{"Timestamp"', b'{"Timestamp":"2019-07-01T00:00:12.092Z","Extra"'),
+])
+def test_the_block_decoder_leaves_every_other_line_shape_to_the_reference(change: tuple[bytes, bytes]) -> None:
+    lines = _data_lines(NDT)[:50]
+    n, line = lines[10]
+    assert change[0] in line
+    lines[10] = (n, line.replace(change[0], change[1], 1))
+    assert _decode(lines[:10]) is not None and _decode(lines) is None
+
+
+def test_a_skipped_bad_line_keeps_the_archives_uuid_on_every_row(tmp_path: Path) -> None:
+    """A batch that a bad line sends to the reference path still carries the header's UUID."""
+    lines = plain(NDT).splitlines(keepends=True)
+    (tmp_path / "ndt.jsonl").write_bytes(b"".join(lines[:100]) + b"nope\n" + b"".join(lines[100:]))
+    result = run("export", "--skip-bad", "-o", str(tmp_path / "ds"), str(tmp_path / "ndt.jsonl"))
+    assert result.returncode == 0, result.stderr
+    table = read(tmp_path / "ds").to_table()
+    assert table.num_rows == 891
+    assert set(table["uuid"].to_pylist()) == {"ndt-7hhhv_1559749627_0000000000062D84"}

@@ -11,24 +11,23 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
 
+from tcpinfo.analysis.errors import Usage
 from tcpinfo.analysis.export import HIVE_NULL, export
 from tcpinfo.analysis.snapshots import SCHEMA, Counts
-from tcpinfo.health.connection import Summary, aggregate_sql, summarize
+from tcpinfo.archive.reader import MAX_LINE_BYTES
+from tcpinfo.health.connection import Summary, aggregate_sql, spark_pick, summarize
 
-CONNECTION_KEY = ("coalesce(nullif(uuid, ''), source_file || '#' || CAST(idm_cookie AS VARCHAR))")
-"""One connection: its UUID, or for an archive without a header (no UUID) file and cookie."""
+CONNECTION_KEY = ("coalesce(nullif(uuid, ''), source_file || '#' || CAST(idm_cookie AS STRING))")
+"""One connection: its UUID, or for an archive without a header (no UUID) file and cookie (SQL
+that DuckDB and Spark both read)."""
 SNAPSHOT_ORDER = "coalesce(archive_sequence, 0) * 4294967296 + source_line"
 """A connection's snapshots in archive order (sequence files in turn, lines within each)."""
-
-
-class Usage(Exception):
-    """A bad combination of inputs: exit 2 with the message."""
 
 
 def is_dataset(path: str) -> bool:
@@ -43,12 +42,13 @@ def _parquet_glob(path: str) -> str:
 
 @contextlib.contextmanager
 def connect(paths: list[str], archives: list[str], counts: Counts | None = None, *, skip_bad: bool = False,
-            progress: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+            max_line_bytes: int = MAX_LINE_BYTES, progress: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection with the view ``snapshots`` over ``paths`` (datasets) or
     ``archives`` (converted first, adding to ``counts``); one of the two is empty."""
     with tempfile.TemporaryDirectory(prefix="tcpinfo-sql-") as tmp:
         if archives:
-            done, _ = export(archives, Path(tmp), skip_bad=skip_bad, progress=progress, partition="date")
+            done, _ = export(archives, Path(tmp), skip_bad=skip_bad, max_line_bytes=max_line_bytes,
+                             progress=progress, partition="date")
             if counts is not None:
                 counts.rows, counts.skipped = counts.rows + done.rows, counts.skipped + done.skipped
             # an empty file keeps the columns when there are no rows
@@ -72,11 +72,16 @@ def connect(paths: list[str], archives: list[str], counts: Counts | None = None,
             con.close()
 
 
-def summary_sql() -> str:
-    """One row per connection: its key, first time, and every health aggregate."""
-    select = ",\n  ".join(aggregate_sql(order=SNAPSHOT_ORDER))
-    return (f"SELECT {CONNECTION_KEY} AS connection,\n  {select}\nFROM snapshots\n"
-            f"GROUP BY connection ORDER BY first_ns NULLS LAST, connection")
+def summary_sql(spark: bool = False) -> str:
+    """One row per connection: its key, first time, and every health aggregate; in DuckDB's
+    dialect, or Spark SQL's (which reads the nanosecond timestamps as Unix-ns integers)."""
+    if spark:
+        select = aggregate_sql(lambda field: "`" + field.replace(".", "_") + "`", order=SNAPSHOT_ORDER,
+                               time="timestamp", pick=spark_pick)
+    else:
+        select = aggregate_sql(order=SNAPSHOT_ORDER)
+    return (f"SELECT {CONNECTION_KEY} AS connection,\n  " + ",\n  ".join(select) + "\nFROM snapshots\n"
+            "GROUP BY connection ORDER BY first_ns NULLS LAST, connection")
 
 
 SUMMARY_COLUMNS = ["connection", "start"] + list(Summary.__dataclass_fields__)
@@ -84,16 +89,16 @@ SUMMARY_COLUMNS = ["connection", "start"] + list(Summary.__dataclass_fields__)
 
 def summaries(con: duckdb.DuckDBPyConnection) -> Iterator[dict[str, object]]:
     """Each connection's summary as a flat dict (``SUMMARY_COLUMNS``), earliest first."""
-    from datetime import datetime
-
     cursor = con.execute(summary_sql())
     names = [d[0] for d in cursor.description]
     while rows := cursor.fetchmany(1024):
         for row in rows:
-            values = dict(zip(names, row))
-            s = summarize(values)
-            first = values["first_ns"]
-            start = (None if first is None else
-                     datetime.fromtimestamp(first // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-                     + f".{first % 10**9:09d}Z")
-            yield {"connection": values["connection"], "start": start, **s.as_dict()}
+            yield summary_row(dict(zip(names, row)))
+
+
+def summary_row(values: dict[str, object]) -> dict[str, object]:
+    """One row of ``summary_sql`` (whichever engine ran it) as ``SUMMARY_COLUMNS``."""
+    first = values["first_ns"]
+    start = (None if not isinstance(first, int) else
+             datetime.fromtimestamp(first // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{first % 10**9:09d}Z")
+    return {"connection": values["connection"], "start": start, **summarize(values).as_dict()}

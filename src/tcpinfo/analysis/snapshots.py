@@ -5,19 +5,23 @@ prints) with ``.`` written ``_`` (``tcp.rtt`` -> ``tcp_rtt``: SQL needs no quoti
 as the kernel's struct member (uint8 ... uint64), null where the kernel did not send it, plus
 the archive's UUID, host and Metadata and where each row came from.
 
-``archive_batches`` is a pure function of one archive (a path or ``-``): a Spark job can run it
-per file (``mapInArrow``) and gets exactly what ``tcpinfo export`` writes.  Speed comes from
-decoding columns, not rows: each line is parsed (orjson) and its base64 decoded in a tight loop,
-then a batch's attributes are decoded at once per type (numpy views of the kernel structs).  A
-line that is not in the shape Go's encoder writes takes the reference path (``modern_fields``),
-which is also where bad input gets csvtool's one-line errors.
+``archive_batches`` is a pure function of one archive (a path or ``-``): a distributed engine
+runs it per file (``analysis.spark`` does, through ``export.write_group``) and gets exactly what
+``tcpinfo export`` writes.  Speed comes from never touching a line in Python: the reader's text
+blocks are joined as they are, and ``_decode_block`` parses a batch of lines in the exact shape
+Go's encoder writes with whole-buffer array operations (positions of quotes, commas and
+newlines; the fixed text checked at its places), decodes each attribute type's base64 in one C
+call and views the kernel structs with numpy dtypes.  A line in another JSON spelling is
+re-written in Go's shape (orjson) and decoded with its neighbours; anything else takes the
+reference path (``modern_fields``), which is also where bad input gets csvtool's one-line errors.
 """
 from __future__ import annotations
 
 import binascii
+import itertools
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +48,8 @@ from tcpinfo.kernel.inetdiag import (
 from tcpinfo.kernel.tcp import Layout, state_name
 
 BATCH_ROWS = 8_192
-"""Rows per record batch (and Parquet row group): one batch of lines and their decoded
-attributes as Python objects is ~40 MB, so memory stays flat whatever the input."""
+"""Rows per record batch (and Parquet row group): a batch's text, its parse arrays and its
+columns are ~50 MB at most, so memory stays flat whatever the input."""
 
 _ARROW_INT = {"B": pa.uint8(), "H": pa.uint16(), "I": pa.uint32(), "Q": pa.uint64()}
 _NUMPY_INT = {"B": "u1", "H": "u2", "I": "u4", "Q": "u8"}
@@ -181,56 +185,244 @@ class _Archive:
         self.metadata = None if metadata is None else orjson.dumps(metadata).decode()
 
 
-_B64 = np.full(256, 255, np.uint8)
-for _i, _c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"):
-    _B64[_c] = _i
-_PAD = ord("=")
+_PREFIX = b'{"Timestamp":"'
+_AFTER_TS = np.frombuffer(b'","RawIDM":"', np.uint8)
+_AFTER_IDM = np.frombuffer(b'","Attributes":[', np.uint8)
+_END = np.frombuffer(b"]}", np.uint8)
+_QUOTE, _COMMA, _CLOSE, _PAD, _ZERO_SEXTET = ord('"'), ord(","), ord("]"), ord("="), ord("A")
+_NULL = np.frombuffer(b"null", np.uint8)
+_MAX_TIME_CHARS = 64
+_SLACK = 64
+"""Zero bytes after a block: room for the fixed-width windows the parser reads."""
 
 
-def _b64_matrix(values: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Strict standard base64 of equal-length strings, decoded at once: (rows x bytes matrix,
-    each row's length), or None if any is not valid padded base64 (the reference then says
-    which).  Bytes past a row's length are not zero (the padding's)."""
-    width = len(values[0])
+def _rows(buf: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """The ``width`` bytes at each of ``starts`` as a (len(starts), width) matrix (one copy)."""
+    if not width or not len(starts):
+        return np.zeros((len(starts), width), np.uint8)
+    return np.lib.stride_tricks.sliding_window_view(buf, width)[starts]
+
+
+def _b64_rows(chars: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Strict standard base64 of equal-length values (the rows of ``chars``), decoded at once:
+    (rows x bytes matrix, each row's length), or None if any is not valid padded base64 (the
+    reference then says which).  Bytes past a row's length are not zero (what the padding
+    left)."""
+    k, width = chars.shape
     if width % 4:
         return None
-    try:
-        text = "".join(values).encode("ascii")
-    except (TypeError, UnicodeEncodeError):
-        return None
-    if len(text) != width * len(values):
-        return None
-    chars = np.frombuffer(text, np.uint8).reshape(len(values), width)
     if not width:
-        return np.zeros((len(values), 0), np.uint8), np.zeros(len(values), np.int64)
-    pads = (chars[:, -1] == _PAD).astype(np.int64) + (chars[:, -2] == _PAD)
-    sextets = _B64[chars]
-    bad = sextets == 255
-    bad[:, -1] &= chars[:, -1] != _PAD
-    bad[:, -2] &= ~((chars[:, -2] == _PAD) & (chars[:, -1] == _PAD))
-    if bad.any():
+        return np.zeros((k, 0), np.uint8), np.zeros(k, np.int64)
+    last = chars[:, -1] == _PAD
+    pads = last.astype(np.int64) + (last & (chars[:, -2] == _PAD))
+    pad = chars == _PAD
+    if np.count_nonzero(pad) != pads.sum():  # '=' anywhere but a value's padding
         return None
-    sextets[sextets == 255] = 0
-    q = sextets.reshape(len(values), width // 4, 4).astype(np.uint32)
-    triples = q[..., 0] << 18 | q[..., 1] << 12 | q[..., 2] << 6 | q[..., 3]
-    out = np.empty((len(values), width // 4, 3), np.uint8)
-    out[..., 0], out[..., 1], out[..., 2] = triples >> 16, triples >> 8 & 255, triples & 255
-    return out.reshape(len(values), -1), width // 4 * 3 - pads
+    if pads.any():
+        chars = chars.copy()
+        chars[pad] = _ZERO_SEXTET
+    try:
+        out = binascii.a2b_base64(np.ascontiguousarray(chars).data, strict_mode=True)  # C: alphabet checked
+    except binascii.Error:
+        return None
+    return np.frombuffer(out, np.uint8).reshape(k, width // 4 * 3), width // 4 * 3 - pads
 
 
-class _Block:
-    """Lines of one archive collected for one batch, decoded column-wise by ``batch``."""
+def _decode_values(buf: np.ndarray, starts: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Base64 values at ``starts`` (of ``widths`` characters) in ``buf``: one decoded matrix of the
+    longest's bytes and each value's length, or None if any is not valid base64.  Values of one
+    length (the usual case: one kernel) are decoded in one call; mixed kernels group by length."""
+    distinct = np.unique(widths)
+    if len(distinct) == 1:
+        return _b64_rows(_rows(buf, starts, int(distinct[0])))
+    matrix = np.zeros((len(starts), int(distinct[-1]) // 4 * 3), np.uint8)
+    lengths = np.zeros(len(starts), np.int64)
+    for width in distinct:
+        idx = np.flatnonzero(widths == width)
+        decoded = _b64_rows(_rows(buf, starts[idx], int(width)))
+        if decoded is None:
+            return None
+        matrix[idx, :decoded[0].shape[1]] = decoded[0]
+        lengths[idx] = decoded[1]
+    return matrix, lengths
+
+
+def _decode_block(block: bytes, n: int, archive: _Archive, linenos: np.ndarray) -> pa.RecordBatch | None:
+    """The rows of ``n`` data lines (``block``, then ``_SLACK`` zero bytes) in exactly the shape
+    Go's encoder writes (``{"Timestamp":"…","RawIDM":"…","Attributes":[…]}``, no spaces, no
+    escapes, each value a string or ``null``), parsed and decoded with whole-block array operations: no per-line
+    Python.  None if any line differs in any way (the caller then takes each line through
+    ``modern_fields``, the reference, which also reports bad input)."""
+    buf = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    if len(ends) != n or b"\\" in block:
+        return None
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    quotes = np.flatnonzero(buf == _QUOTE)
+    if len(quotes) % 2:
+        return None
+    opens, closes = quotes[0::2], quotes[1::2]   # every quoted string, in order
+    first = np.searchsorted(opens, starts)        # a line's first string: "Timestamp"
+    per_line = np.diff(np.append(first, len(opens)))
+    if (per_line < 5).any() or (closes[np.minimum(first + per_line - 1, len(closes) - 1)] >= ends - 2).any():
+        return None
+    # the fixed text around the timestamp and the IDM, and the list's end
+    ts_close, idm_close = closes[first + 1], closes[first + 3]
+    if ((opens[first] != starts + 1) | (opens[first + 1] != starts + 13) | (opens[first + 3] != ts_close + 11)
+            | (opens[first + 4] != idm_close + 2)).any():
+        return None
+    if not ((_rows(buf, starts, len(_PREFIX)) == np.frombuffer(_PREFIX, np.uint8)).all()
+            and (_rows(buf, ts_close, len(_AFTER_TS)) == _AFTER_TS).all()
+            and (_rows(buf, idm_close, len(_AFTER_IDM)) == _AFTER_IDM).all()
+            and (_rows(buf, ends - 2, 2) == _END).all()):
+        return None
+    # the list: strings and nulls separated by commas, nothing else
+    items_start, items_end = idm_close + len(_AFTER_IDM), ends - 2
+    value_index = np.flatnonzero(np.arange(len(opens)) - np.repeat(first, per_line) >= 5)  # after 5 strings
+    value_line = np.repeat(np.arange(n), per_line)[value_index]
+    v_open, v_close = opens[value_index], closes[value_index]
+    commas = np.flatnonzero(buf == _COMMA)
+    commas_before_items = np.searchsorted(commas, items_start)
+    separators = np.searchsorted(commas, items_end) - commas_before_items
+    strings = per_line - 5
+    nulls = np.where(items_end > items_start, separators + 1, 0) - strings
+    if (nulls < 0).any():
+        return None
+    string_chars = np.bincount(value_line, weights=v_close - v_open + 1, minlength=n).astype(np.int64)
+    if ((items_end - items_start) != string_chars + separators + 4 * nulls).any():
+        return None
+    # a null item is the word right after a separator ('[' or a comma of the list) and right
+    # before one (',' or ']'): counted, with the length above that leaves room for nothing else
+    m = int(nulls.sum())
+    if m:
+        comma_line = np.searchsorted(starts, commas, "right") - 1
+        listed = commas[(commas >= items_start[comma_line]) & (commas < items_end[comma_line])]
+        after = _rows(buf, np.concatenate((items_start - 1, listed)) + 1, 5)
+        words = (after[:, :4] == _NULL).all(axis=1) & ((after[:, 4] == _COMMA) | (after[:, 4] == _CLOSE))
+        if np.count_nonzero(words) != m:
+            return None
+    slots = np.searchsorted(commas, v_open) - commas_before_items[value_line]
+    if slots.max(initial=0) > 255:  # attribute types are small numbers
+        return None
+    cols: dict[str, pa.Array] = {}
+    # timestamps: ASCII text of a bounded length, parsed by Arrow
+    t_len = ts_close - starts - 14
+    if (t_len > _MAX_TIME_CHARS).any():
+        return None
+    chars = _rows(buf, starts + 14, int(t_len.max()))
+    text = chars[np.arange(chars.shape[1]) < t_len[:, None]]
+    if (text >= 128).any():
+        return None
+    offsets = np.concatenate(([0], np.cumsum(t_len))).astype(np.int32)
+    times = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
+    if not pc.all(pc.match_substring_regex(times, _TIME_PATTERN)).as_py():
+        return None
+    times = pc.if_else(pc.equal(times, ZERO_TIME), pa.scalar(None, pa.string()), times)
+    try:
+        cols["timestamp"] = times.cast(pa.timestamp("ns", tz="UTC"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    # the IDM
+    decoded = _decode_values(buf, opens[first + 3] + 1, idm_close - opens[first + 3] - 1)
+    if decoded is None or (decoded[1] < IDM_LEN).any():
+        return None
+    raw = np.ascontiguousarray(decoded[0][:, :IDM_LEN])
+    idm = raw.view(_IDM_DTYPE).reshape(n)
+    for name, (_, code, _) in _IDM_INTS.items():
+        if name != "interface_be":
+            cols[f"idm_{name}"] = pa.array(idm[name].astype(_NUMPY_INT[code]))  # native order
+    cols["idm_state_name"] = _STATE_NAMES.take(pa.array(idm["state"]))
+    for name, off in _IDM_ADDR.items():
+        cols[f"idm_{name}"] = _addresses(raw, off, raw[:, _IDM_INTS["family"][0]])
+    # each attribute type's values, where present
+    order = np.argsort(slots.astype(np.int16), kind="stable")  # a radix sort
+    bounds = np.searchsorted(slots[order], np.arange(slots.max(initial=-1) + 2))
+    for t in range(len(bounds) - 1):
+        sel = order[bounds[t]:bounds[t + 1]]
+        if not len(sel):
+            continue
+        rows = value_line[sel]
+        decoded = _decode_values(buf, v_open[sel] + 1, v_close[sel] - v_open[sel] - 1)
+        if decoded is None:
+            return None
+        present = None if len(rows) == n else rows
+        if t in (INET_DIAG_CONG, INET_DIAG_SOCKOPT):
+            texts = _texts(t, *decoded)
+            if texts is None:
+                return None
+            cols["cong" if t == INET_DIAG_CONG else _SCALARS[t][0]] = _scatter(n, present, texts)
+        elif t in _STRUCTS:
+            prefix, layout, dtype = _STRUCTS[t]
+            _struct_columns(cols, n, present, *decoded, prefix, layout, dtype)
+        elif t in _SCALARS:
+            name, _, dtype = _SCALARS[t]
+            _struct_columns(cols, n, present, *decoded, name, None, dtype)
+    return _assemble(cols, n, archive, linenos)
+
+
+_TEXT_MEMO: dict[tuple[int, bytes], str | None] = {}
+"""CONG and SOCKOPT text by (type, value): a handful of distinct values per archive."""
+
+
+def _texts(t: int, matrix: np.ndarray, lengths: np.ndarray) -> pa.Array | None:
+    """CONG or SOCKOPT as text, each distinct value formatted once; None if a CONG is empty
+    (the reference reports it).  A SOCKOPT too short to hold its value is absent."""
+    keys = np.concatenate([lengths.astype("<i4")[:, None].view(np.uint8), matrix], axis=1)  # length, bytes
+    unique, inverse = np.unique(np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel(),
+                                return_inverse=True)
+    texts: list[str | None] = []
+    for u in unique:
+        data = u.tobytes()
+        value = data[4:4 + int.from_bytes(data[:4], "little")]
+        if (t, value) not in _TEXT_MEMO:
+            if len(_TEXT_MEMO) > 4096:
+                _TEXT_MEMO.clear()
+            if t == INET_DIAG_CONG:
+                _TEXT_MEMO[(t, value)] = _cong(value) if value else None
+            else:
+                st = _SCALARS[t][1]
+                _TEXT_MEMO[(t, value)] = ("|".join(sockopt_names(st.unpack_from(value)[0]))
+                                          if len(value) >= st.size else None)
+        text = _TEXT_MEMO[(t, value)]
+        if text is None and t == INET_DIAG_CONG:
+            return None
+        texts.append(text)
+    return pa.array(texts, pa.string()).take(pa.array(inverse.ravel()))
+
+
+def _scatter(n: int, rows: np.ndarray | None, values: pa.Array) -> pa.Array:
+    """``values`` at ``rows`` of ``n`` (null elsewhere); all of them when ``rows`` is None."""
+    if rows is None:
+        return values
+    index = np.zeros(n, np.int64)
+    index[rows] = np.arange(len(rows))
+    mask = np.ones(n, bool)
+    mask[rows] = False
+    return values.take(pa.array(index, mask=mask))
+
+
+class _Pending:
+    """Data lines waiting to become one batch: whole text blocks of Go-shaped lines as read
+    (no per-line work), and lines re-written in that shape one by one (``add_line``)."""
 
     def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.linenos: list[int] = []
-        self.times: list[str] = []
-        self.idms: list[str] = []
-        self.attrs: list[list] = []
+        self.texts: list[bytes] = []
+        self.originals: list[bytes] = []
+        self.firsts: list[int] = []
+        self.counts: list[int] = []
+        self.rows = 0
 
-    def add(self, line: bytes, lineno: int) -> bool:
-        """Takes a data line of the shape Go's encoder writes (three keys of the right JSON
-        types); False leaves it to the reference.  Values are checked by ``batch``."""
+    def add_text(self, text: bytes, first: int, count: int, original: bytes | None = None) -> None:
+        """``count`` whole lines numbered from ``first`` (``original``: as read, if rewritten)."""
+        self.texts.append(text)
+        self.originals.append(text if original is None else original)
+        self.firsts.append(first)
+        self.counts.append(count)
+        self.rows += count
+
+    def add_line(self, line: bytes, lineno: int) -> bool:
+        """Takes a data line of three keys of the right JSON types, re-written in Go's shape
+        (key order, spacing); False leaves it to the reference."""
         try:
             obj = orjson.loads(line)
             if len(obj) != 3:
@@ -240,112 +432,20 @@ class _Block:
             return False
         if type(ts) is not str or type(raw) is not str or type(attributes) is not list:
             return False
-        self.times.append(ts)
-        self.idms.append(raw)
-        self.attrs.append(attributes)
-        self.lines.append(line)
-        self.linenos.append(lineno)
+        canonical = orjson.dumps({"Timestamp": ts, "RawIDM": raw, "Attributes": attributes}) + b"\n"
+        self.add_text(canonical, lineno, 1, original=line + b"\n")
         return True
 
-    def __len__(self) -> int:
-        return len(self.idms)
+    def linenos(self) -> np.ndarray:
+        """Each line's number in the archive."""
+        return np.concatenate([np.arange(f, f + c) for f, c in zip(self.firsts, self.counts)])
 
-    def batch(self, archive: _Archive) -> pa.RecordBatch | None:
-        """The block's rows, or None if a value needs the reference path (then the caller
-        converts the block's lines one by one, which reports bad input)."""
-        n = len(self.idms)
-        cols: dict[str, pa.Array] = {}
-        times = pa.array(self.times, pa.string())
-        if not pc.all(pc.match_substring_regex(times, _TIME_PATTERN)).as_py():
-            return None
-        times = pc.if_else(pc.equal(times, ZERO_TIME), pa.scalar(None, pa.string()), times)
-        try:
-            cols["timestamp"] = times.cast(pa.timestamp("ns", tz="UTC"))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return None
-        decoded = _b64_matrix(self.idms) if len(set(map(len, self.idms))) == 1 else None
-        if decoded is None or (decoded[1] < IDM_LEN).any():
-            return None
-        raw = np.ascontiguousarray(decoded[0][:, :IDM_LEN])
-        idm = raw.view(_IDM_DTYPE).reshape(n)
-        for name, (_, code, _) in _IDM_INTS.items():
-            if name != "interface_be":
-                cols[f"idm_{name}"] = pa.array(idm[name].astype(_NUMPY_INT[code]))  # native order
-        cols["idm_state_name"] = _STATE_NAMES.take(pa.array(idm["state"]))
-        for name, off in _IDM_ADDR.items():
-            cols[f"idm_{name}"] = _addresses(raw, off, raw[:, _IDM_INTS["family"][0]])
-        attrs = self.attrs
-        width = max(map(len, attrs))
-        if any(len(a) != width for a in attrs):
-            attrs = [a if len(a) == width else a + [None] * (width - len(a)) for a in attrs]
-        for t, column_t in enumerate(zip(*attrs)):
-            values = [v for v in column_t if v is not None]
-            if not values:
-                continue
-            rows = None if len(values) == n else [i for i, v in enumerate(column_t) if v is not None]
-            if not self._attribute(cols, n, t, rows, values):
-                return None
-        return _assemble(cols, n, archive, self.linenos)
-
-    @staticmethod
-    def _attribute(cols: dict, n: int, t: int, rows: list[int] | None, values: list[str]) -> bool:
-        """The columns of attribute type ``t`` (``rows``: where present, None = everywhere);
-        False if a value needs the reference path."""
-        if t in (INET_DIAG_CONG, INET_DIAG_SOCKOPT):
-            texts: list[str | None] = []
-            for v in values:
-                text = _TEXT_MEMO.get((t, v), _UNSEEN)
-                if text is _UNSEEN:
-                    try:
-                        value = binascii.a2b_base64(v, strict_mode=True)
-                    except (TypeError, ValueError):
-                        return False
-                    if t == INET_DIAG_CONG:
-                        if not value:
-                            return False
-                        text = _cong(value)
-                    else:
-                        st = _SCALARS[t][1]
-                        text = ("|".join(sockopt_names(st.unpack_from(value)[0]))
-                                if len(value) >= st.size else None)  # too short: absent
-                    if len(_TEXT_MEMO) > 4096:
-                        _TEXT_MEMO.clear()
-                    _TEXT_MEMO[(t, v)] = text
-                texts.append(text)  # type: ignore[arg-type]
-            name = "cong" if t == INET_DIAG_CONG else _SCALARS[t][0]
-            cols[name] = _scatter_objects(n, rows, texts, pa.string())
-            return True
-        widths = set(map(len, values))
-        if len(widths) == 1:
-            decoded = _b64_matrix(values)
-            if decoded is None:
-                return False
-            matrix, lengths = decoded
-        else:  # values of several lengths (archives of mixed kernels): one matrix per length
-            by_width: dict[int, list[int]] = {}
-            for i, v in enumerate(values):
-                by_width.setdefault(len(v), []).append(i)
-            matrix = np.zeros((len(values), max(widths) // 4 * 3), np.uint8)
-            lengths = np.zeros(len(values), np.int64)
-            for group in by_width.values():
-                decoded = _b64_matrix([values[i] for i in group])
-                if decoded is None:
-                    return False
-                idx = np.asarray(group)
-                matrix[idx, :decoded[0].shape[1]] = decoded[0]
-                lengths[idx] = decoded[1]
-        if t in _STRUCTS:
-            prefix, layout, dtype = _STRUCTS[t]
-            _struct_columns(cols, n, rows, matrix, lengths, prefix, layout, dtype)
-        elif t in _SCALARS:
-            name, _, dtype = _SCALARS[t]
-            _struct_columns(cols, n, rows, matrix, lengths, name, None, dtype)
-        return True
-
-
-_UNSEEN = object()
-_TEXT_MEMO: dict[tuple[int, str], str | None] = {}
-"""CONG and SOCKOPT text by (type, base64 value): a handful of distinct values per archive."""
+    def lines(self) -> Iterator[tuple[bytes, int]]:
+        """The original lines with their numbers (for the reference path)."""
+        for text, first in zip(self.originals, self.firsts):
+            lines = text.split(b"\n")
+            lines.pop()
+            yield from zip(lines, itertools.count(first))
 
 
 def _cong(raw: bytes) -> str:
@@ -364,7 +464,7 @@ def _addresses(raw: np.ndarray, offset: int, family: np.ndarray) -> pa.Array:
     return pa.array(texts, pa.string()).take(pa.array(inverse.ravel()))
 
 
-def _struct_columns(cols: dict, n: int, rows: list[int] | None, matrix: np.ndarray, lengths: np.ndarray,
+def _struct_columns(cols: dict, n: int, rows: np.ndarray | None, matrix: np.ndarray, lengths: np.ndarray,
                     prefix: str, layout: Layout | None, dtype: np.dtype) -> None:
     """Columns of one attribute type from its decoded values (``matrix`` rows, ``lengths``):
     each member is null where the value is absent or too short to hold it (``Layout.decode``'s
@@ -396,16 +496,7 @@ def _struct_columns(cols: dict, n: int, rows: list[int] | None, matrix: np.ndarr
             cols[col] = pa.array(full, mask=mask if mask.any() else None)
 
 
-def _scatter_objects(n: int, rows: list[int] | None, values: list, typ: pa.DataType) -> pa.Array:
-    if rows is None:
-        return pa.array(values, typ)
-    full: list = [None] * n
-    for i, v in zip(rows, values):
-        full[i] = v
-    return pa.array(full, typ)
-
-
-def _assemble(cols: dict[str, pa.Array], n: int, archive: _Archive, linenos: list[int]) -> pa.RecordBatch:
+def _assemble(cols: dict[str, pa.Array], n: int, archive: _Archive, linenos: list[int] | np.ndarray) -> pa.RecordBatch:
     """The batch in SCHEMA's order: absent columns null, the archive's constants repeated."""
     consts = {
         "uuid": archive.uuid, "host": archive.host, "archive_sequence": archive.sequence,
@@ -449,12 +540,13 @@ def _reference_row(fields: dict[str, object]) -> dict[str, object]:
 
 def _reference_batch(rows: list[dict], linenos: list[int], archive: _Archive) -> pa.RecordBatch:
     """Reference rows as a batch: the same columns, built value by value."""
-    table = pa.RecordBatch.from_pylist(rows, schema=pa.schema([f for f in SCHEMA if f.name in _MODERN_COLUMNS]))
+    table = pa.RecordBatch.from_pylist(rows, schema=_REFERENCE_SCHEMA)
     cols = {name: table.column(name) for name in table.schema.names}
     return _assemble(cols, len(rows), archive, linenos)
 
 
-_MODERN_COLUMNS = frozenset(column(n) for n in MODERN_HEADER)
+_REFERENCE_SCHEMA = pa.schema([f for f in SCHEMA if f.name in {column(n) for n in MODERN_HEADER} - {"uuid"}])
+"""What modern_fields gives (the UUID is the archive's, from its header)."""
 
 
 def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool = False,
@@ -469,7 +561,7 @@ def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool =
     counts = counts if counts is not None else Counts()
     name = "<stdin>" if path == STDIN else path
     archive = _Archive(source if source is not None else name)
-    block = _Block()
+    pending = _Pending()
 
     def bad(lineno: int, exc: Exception) -> None:
         if not skip_bad:
@@ -487,36 +579,68 @@ def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool =
             bad(lineno, exc)
             return None
 
-    def flush() -> Iterator[pa.RecordBatch]:
-        nonlocal block
-        if not len(block):
+    def decode(block: _Pending, one_by_one: bool) -> Iterator[pa.RecordBatch]:
+        """The block's rows: decoded at once, or if a line is not in Go's shape, its lines one
+        by one (``one_by_one``) or through the reference."""
+        if not block.rows:
             return
-        batch = block.batch(archive)
-        if batch is None:  # a value the vectorised path does not take: line by line
-            rows = [(row, lineno) for line, lineno in zip(block.lines, block.linenos)
-                    if (row := reference(line, lineno)) is not None]
+        batch = _decode_block(b"".join([*block.texts, bytes(_SLACK)]), block.rows, archive, block.linenos())
+        if batch is None and one_by_one:
+            yield from by_line(block.lines())
+            return
+        if batch is None:
+            rows = [(row, lineno) for line, lineno in block.lines() if (row := reference(line, lineno)) is not None]
             batch = _reference_batch([r for r, _ in rows], [n for _, n in rows], archive) if rows else None
-        block = _Block()
         if batch is not None:
             counts.rows += batch.num_rows
             yield batch
 
-    for first, text in read_text(path, max_line_bytes):
-        if text is None:  # the reader has dropped it
-            if not skip_bad:
-                raise long_line(name, first, max_line_bytes)
-            counts.skipped += 1
-            continue
-        lines = text.split(b"\n")
-        lines.pop()
-        for lineno, line in enumerate(lines, first):
-            if block.add(line, lineno):
-                if len(block) >= batch_rows:
-                    yield from flush()
+    def by_line(lines: Iterable[tuple[bytes, int]]) -> Iterator[pa.RecordBatch]:
+        """Lines one at a time: a data line in another JSON spelling is re-written in Go's shape
+        (and decoded with its neighbours), anything else goes to the reference."""
+        block = _Pending()
+        for line, lineno in lines:
+            if block.add_line(line, lineno):
+                if block.rows >= batch_rows:
+                    yield from decode(block, one_by_one=False)
+                    block = _Pending()
                 continue
-            yield from flush()
+            yield from decode(block, one_by_one=False)
+            block = _Pending()
             row = reference(line, lineno)
             if row is not None:
                 counts.rows += 1
                 yield _reference_batch([row], [lineno], archive)
-    yield from flush()
+        yield from decode(block, one_by_one=False)
+
+    for first, text in read_text(path, max_line_bytes):
+        if text is None:  # the reader has dropped it
+            yield from decode(pending, one_by_one=True)
+            pending = _Pending()
+            if not skip_bad:
+                raise long_line(name, first, max_line_bytes)
+            counts.skipped += 1
+            continue
+        cut = text.index(b"\n") + 1
+        if first == 1 and text.find(_AFTER_TS.tobytes(), 0, cut) < 0:  # a header: by itself
+            yield from by_line([(text[:cut - 1], 1)])
+            text, first = text[cut:], 2
+        count = text.count(b"\n")
+        if not text.startswith(_PREFIX):  # another spelling: line by line
+            yield from decode(pending, one_by_one=True)
+            pending = _Pending()
+            yield from by_line(zip(text.split(b"\n")[:-1], itertools.count(first)))
+            continue
+        while count:  # the usual case: whole blocks as read, checked when decoded
+            take = min(count, batch_rows - pending.rows)
+            if take < count:  # split at the line that fills the batch
+                cut = int(np.flatnonzero(np.frombuffer(text, np.uint8) == ord("\n"))[take - 1]) + 1
+                pending.add_text(text[:cut], first, take)
+                text, first, count = text[cut:], first + take, count - take
+            else:
+                pending.add_text(text, first, count)
+                count = 0
+            if pending.rows >= batch_rows:
+                yield from decode(pending, one_by_one=True)
+                pending = _Pending()
+    yield from decode(pending, one_by_one=True)

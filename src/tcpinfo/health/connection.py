@@ -13,7 +13,7 @@ docs/why-slow.md; the constants below are the thresholds it names.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -146,14 +146,26 @@ class Accumulator:
         return summarize(self.values())
 
 
+def duckdb_pick(op: str, column: str, order: str) -> str:
+    """DuckDB's first / last value of ``column`` by ``order`` (``arg_min`` / ``arg_max`` skip
+    NULL values, as ``Accumulator`` skips absent fields)."""
+    return f"{'arg_min' if op == 'first' else 'arg_max'}({column}, {order})"
+
+
+def spark_pick(op: str, column: str, order: str) -> str:
+    """Spark SQL's first / last value (``min_by`` / ``max_by`` would take a NULL value, so
+    rows without one are filtered out)."""
+    return f"{'min_by' if op == 'first' else 'max_by'}({column}, {order}) FILTER (WHERE {column} IS NOT NULL)"
+
+
 def aggregate_sql(quote=lambda field: '"' + field.replace(".", "_") + '"', *, time: str = "epoch_ns(timestamp)",
-                  order: str = "snapshot_order") -> list[str]:
+                  order: str = "snapshot_order", pick: Callable[[str, str, str], str] = duckdb_pick) -> list[str]:
     """``AGGREGATES`` as SQL select expressions (``expr AS name``), ``rows`` first.
 
     ``quote`` maps a modern field name to its column (the Parquet export's names by default),
     ``time`` is the Unix-ns expression of a row's time and ``order`` the column that orders a
-    connection's snapshots (for first / last).  The expressions are DuckDB's (``arg_min`` /
-    ``arg_max`` skip NULL values, as ``Accumulator`` skips absent fields).
+    connection's snapshots (for first / last, which ``pick`` writes in the engine's dialect:
+    ``duckdb_pick`` or ``spark_pick``).
     """
     out = ["count(*) AS rows"]
     for name, op, field, nonzero in AGGREGATES:
@@ -161,7 +173,7 @@ def aggregate_sql(quote=lambda field: '"' + field.replace(".", "_") + '"', *, ti
         if nonzero:
             column = f"nullif({column}, 0)"
         if op in ("first", "last"):
-            expr = f"{'arg_min' if op == 'first' else 'arg_max'}({column}, {order})"
+            expr = pick(op, column, order)
         else:
             expr = f"{op}({column})"
         out.append(f"{expr} AS {name}")
