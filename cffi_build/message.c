@@ -156,25 +156,6 @@ int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t p
     return kind;
 }
 
-/* Where one attribute's value is; 0 if absent (or after a malformed rtattr). */
-static uint32_t find_attr(const uint8_t *p, uint32_t n, uint16_t type, uint32_t *len)
-{
-    uint32_t pos = IDM_LEN;
-    while (pos < n && n - pos >= 4) {
-        uint16_t rlen, rtype;
-        memcpy(&rlen, p + pos, 2);
-        memcpy(&rtype, p + pos + 2, 2);
-        if (rlen < 4 || rlen > n - pos)
-            return 0;
-        if (rtype == type) {
-            *len = rlen - 4u;
-            return pos + 4;
-        }
-        pos += (rlen + 3u) & ~3u;
-    }
-    return 0;
-}
-
 #define SENT_AT offsetof(struct tcp_info, tcpi_bytes_sent)
 #define RECEIVED_AT offsetof(struct tcp_info, tcpi_bytes_received)
 #define COUNTS_END (SENT_AT + 8 > RECEIVED_AT + 8 ? SENT_AT + 8 : RECEIVED_AT + 8)
@@ -184,17 +165,25 @@ static uint32_t find_attr(const uint8_t *p, uint32_t n, uint16_t type, uint32_t 
  * connection, counted from zero).  A record without those counters adds nothing, and
  * neither does one whose previous record had none (a socket seen as a time-wait
  * remnant before its final record): its bytes were counted up to its last tcp_info. */
+/* Where a message's tcp_info is, in upstream's slot (the last duplicate wins), if it
+ * holds both byte counters; 0 if not. */
+static uint32_t counters_at(const uint8_t *p, uint32_t n)
+{
+    struct attrs a;
+    if (parse_attrs(p, n, &a) < 0 || a.nslots <= INET_DIAG_INFO || !a.present[INET_DIAG_INFO] ||
+        a.len[INET_DIAG_INFO] < COUNTS_END)
+        return 0;
+    return a.off[INET_DIAG_INFO];
+}
+
 void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n, const uint8_t *prev,
                  uint32_t plen)
 {
-    uint32_t len = 0, plen_info = 0, off = find_attr(cur, n, INET_DIAG_INFO, &len), poff = 0;
+    uint32_t off = counters_at(cur, n), poff = 0;
     uint64_t sent, received, old_sent = 0, old_received = 0;
-    if (!off || len < COUNTS_END)
+    if (!off || (prev && !(poff = counters_at(prev, plen))))
         return;
     if (prev) {
-        poff = find_attr(prev, plen, INET_DIAG_INFO, &plen_info);
-        if (!poff || plen_info < COUNTS_END)
-            return;
         memcpy(&old_sent, prev + poff + SENT_AT, 8);
         memcpy(&old_received, prev + poff + RECEIVED_AT, 8);
     }

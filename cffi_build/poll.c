@@ -23,8 +23,8 @@ static const uint8_t FAMILIES[2] = {AF_INET6, AF_INET};   /* the order of a poll
 
 /* Handles one inet_diag message of a dump or a look-up.  Returns -1 for lack of
  * memory, else 0.  Static, so that it is inlined in the dump's loop. */
-static inline __attribute__((always_inline)) int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n,
-                     struct tcpi_family_stats *st)
+static inline __attribute__((always_inline))
+int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n, struct tcpi_family_stats *st)
 {
     st->messages++;
     if (n < IDM_LEN) {

@@ -214,8 +214,9 @@ uint32_t tcpi_destroy_rcvbuf(struct tcpi_core *core);
 void tcpi_set_one_walk(struct tcpi_core *core, int on);
 
 /* The fast tier.  With idle_lookups > 0, every connection a sweep (but the first, which
- * finds every connection new) finds new or changed joins the active set, which tcpi_refresh looks up exactly, one socket at a time by
- * its id and cookie (SOCK_DIAG_BY_FAMILY without NLM_F_DUMP, 16 per send); a
+ * finds every connection new) finds new or changed joins the active set, which
+ * tcpi_refresh looks up exactly, one socket at a time by its id and cookie
+ * (SOCK_DIAG_BY_FAMILY without NLM_F_DUMP, 16 per send); a
  * connection leaves it after idle_lookups look-ups in a row found nothing changed, or
  * when a look-up misses it.  0 empties the set and turns the tier off. */
 void tcpi_set_fast_tier(struct tcpi_core *core, uint32_t idle_lookups);
