@@ -29,7 +29,7 @@ from tcpinfo.archive.uuids import make_uuid
 from tcpinfo.base.ratelog import RateLimitedLog
 from tcpinfo.collector.anonymize import Anonymizer
 from tcpinfo.collector.cadence import Cadence
-from tcpinfo.collector.metrics import AF_LABELS, Metrics
+from tcpinfo.collector.metrics import AF_LABELS, LOOKUP_OUTCOMES, Metrics
 from tcpinfo.collector.poller import (
     PREVIOUS_WAS_NIL,
     SHORT,
@@ -300,7 +300,7 @@ class Collector:
             self._count_family(family, stats)
 
     def _count_lookups(self, stats: LookupStats) -> None:
-        for outcome in ("changed", "unchanged", "missing", "bad"):
+        for outcome in LOOKUP_OUTCOMES:
             n = getattr(stats, outcome)
             if n:
                 self._metrics.lookups.labels(outcome=outcome).inc(n)

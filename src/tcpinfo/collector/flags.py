@@ -373,8 +373,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("sweep-interval", "sweep_interval_ns", parse_duration,
          "Longest time between two sweeps of the kernel's whole socket table: the bound on how "
          "late a new connection, or an idle one that starts moving, is found (sweeps come sooner "
-         "while they find some); raised to -poll-interval if shorter. Ignored in strict mode.", metavar="duration",
-         show=format_duration),
+         "while they find some); raised to -poll-interval if shorter. Ignored in strict mode.",
+         metavar="duration", show=format_duration),
     Flag("active-linger", "active_linger_ns", parse_duration,
          "How long a connection with no change stays in the fast tier, looked up every "
          "-poll-interval; after it only the sweeps watch it. Ignored in strict mode.",

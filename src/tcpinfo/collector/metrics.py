@@ -67,8 +67,9 @@ _RATE_BUCKETS = [
 AF_LABELS: dict[int, str] = FAMILY_LABELS
 # Reasons a family's dump fails (DUMP_ERRORS); the first three are upstream's ERRORS types.
 UPSTREAM_DUMP_ERRORS = ("wrong seq num", "wrong pid", "NLMSG_ERROR")
-DUMP_ERROR_REASONS = ("syscall", *UPSTREAM_DUMP_ERRORS, "truncated", "out of memory",
-                      "interrupted")
+# A failed dump's or refresh's reason: the core's status names (tcpinfo.core.binding.STATUS_NAMES).
+STATUS_REASONS = ("syscall", *UPSTREAM_DUMP_ERRORS, "truncated", "out of memory")
+DUMP_ERROR_REASONS = (*STATUS_REASONS, "interrupted")
 # Upstream's byte-accounting sanity checks (UPSTREAM.md section 9), also ERRORS types.
 ACCOUNTING_ERRORS = (
     "totalSent < reportedSent",
@@ -78,6 +79,7 @@ ACCOUNTING_ERRORS = (
 )
 CACHE_OPS = ("total", "new", "changed", "expired")
 DESTROY_OUTCOMES = ("final", "short", "excluded", "late", "bad")
+LOOKUP_OUTCOMES = ("changed", "unchanged", "missing", "bad")
 FLOW_EVENT_KINDS = ("open", "close")
 # What was found in the output tree where the collector would not write (UNSAFE_PATHS).
 UNSAFE_PATH_KINDS = ("symlink", "not a directory", "not a regular file", "replaced file")
@@ -273,6 +275,10 @@ class Metrics:
             self.cache.labels(op=op)
         for outcome in DESTROY_OUTCOMES:
             self.destroy_notifications.labels(outcome=outcome)
+        for outcome in LOOKUP_OUTCOMES:
+            self.lookups.labels(outcome=outcome)
+        for reason in STATUS_REASONS:
+            self.lookup_failures.labels(reason=reason)
         for event in FLOW_EVENT_KINDS:
             self.events.flow_events.labels(event=event)
         for kind in UNSAFE_PATH_KINDS:
