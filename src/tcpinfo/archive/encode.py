@@ -18,8 +18,8 @@ def encode_message(ts_ns: int, raw_idm: bytes, payload: bytes) -> tuple[bytes, b
     """The daemon's fast path: one data line straight from a kernel message, built in C.
 
     Same bytes as ``record.encode_record(ts_ns, *split_message(payload))`` but with ``raw_idm`` as the
-    header (the anonymized one, or ``payload`` itself).  Also returns the tcp_info attribute, which
-    the collector's byte accounting reads, or None.  ValueError if the payload is malformed.
+    header (the anonymized one, or ``payload`` itself).  Also returns the tcp_info attribute
+    where the encoder found it (upstream's slot), or None.  ValueError if the payload is malformed.
     """
     global _line_buf
     ts = timestamp_bytes(ts_ns)
