@@ -246,6 +246,13 @@ def _stream(client: socket.socket, server: socket.socket, seconds: float) -> Non
         time.sleep(0.005)
 
 
+def _in_time_order(stamps: list[int]) -> bool:
+    """Polls' records in time order, and the last (the destroy notification's) after them but for
+    the dump that overlapped it: a poll's records carry its dump's end, the notification the
+    moment the core received it, which may fall within that dump."""
+    return stamps[:-1] == sorted(stamps[:-1]) and (len(stamps) < 2 or stamps[-1] >= stamps[-2] - 50 * MS)
+
+
 def _record_times(out, cookie: int) -> list[int]:
     return [r.ts_ns for r in records(out, cookie)]
 
@@ -267,7 +274,7 @@ def test_an_active_connection_keeps_the_poll_interval_and_idle_ones_are_recorded
     times = _record_times(out, cookie)
     # Sweeps alone would give at most 1.5 s / 100 ms = 15 changed records (plus open and close).
     assert len(times) > 40, len(times)
-    assert times == sorted(times) and len(set(times)) == len(times)   # none twice
+    assert _in_time_order(times) and len(set(times)) == len(times)   # none twice
     for c, _s in idle:                  # each idle connection: its first record, nothing twice
         lines = records(out, cookie_of(c))
         assert 1 <= len(lines) <= 3 and len({line.ts_ns for line in lines}) == len(lines)
@@ -306,7 +313,7 @@ def test_no_connection_is_lost_or_recorded_twice_across_the_tiers(testnet, daemo
         lines = [line for path in series[uuid] for line in read_archive(path)
                  if line.raw_idm is not None]
         stamps = [line.ts_ns for line in lines]
-        assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+        assert _in_time_order(stamps) and len(set(stamps)) == len(stamps)
         assert lines[0].raw_idm is not None
     for pair in open_pairs:
         for s in pair:
