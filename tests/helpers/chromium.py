@@ -23,8 +23,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def require_chromium() -> str:
-    """/usr/bin/chromium, or a skip saying how to install it (CI installs it: .ci/run)."""
+    """/usr/bin/chromium, or (outside CI, which installs it: .ci/run) a skip saying how to
+    install it."""
     if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: apt-get install -y chromium")
         pytest.skip("/usr/bin/chromium is absent (Debian: apt-get install -y chromium)")
     return str(CHROMIUM)
 
