@@ -44,7 +44,7 @@ static int on_destroyed(struct tcpi_core *c, const uint8_t *p, uint32_t n, int64
     if (e->used) {
         kind = TCPI_FINAL;
         st->final++;
-        count_bytes(c, p, n, e->data, e->len);
+        count_bytes(c, p, n, e);
         entry_drop(e);
     } else {
         int created;
@@ -56,7 +56,7 @@ static int on_destroyed(struct tcpi_core *c, const uint8_t *p, uint32_t n, int64
             return -1;
         kind = TCPI_SHORT;
         st->shortflow++;
-        count_bytes(c, p, n, NULL, 0);
+        count_bytes(c, p, n, NULL);
         e->family = idm_family(p);
     }
     e->fate = FINISHED;

@@ -121,6 +121,57 @@ static int on_answer(struct tcpi_core *c, const uint8_t *b, uint32_t n, uint32_t
     return 1;
 }
 
+/* The look-up of one connection (LIVE, with a message or image kept). */
+static void fill_request(const struct tcpi_core *c, const struct entry *e, struct lookup_req *r,
+                         uint32_t seq)
+{
+    memset(r, 0, sizeof(*r));
+    r->nh.nlmsg_len = sizeof(*r);
+    r->nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    r->nh.nlmsg_flags = NLM_F_REQUEST;
+    r->nh.nlmsg_seq = seq;
+    r->req.sdiag_family = entry_family(e);
+    r->req.sdiag_protocol = IPPROTO_TCP;
+    r->req.idiag_ext = c->ext;
+    r->req.idiag_states = c->states;
+    memcpy(&r->req.id, entry_id(e), sizeof(r->req.id));
+}
+
+/* The connection's message as the kernel has it now, for a query (the table keeps
+ * only its image): its length; 0 if the kernel no longer has it or the look-up
+ * failed; -(its length) if it does not fit cap.  The poll thread's socket, between
+ * polls; nothing in the table changes. */
+int64_t lookup_message(struct tcpi_core *c, const struct entry *e, uint8_t *out, uint32_t cap)
+{
+    struct dumper *d = &c->pool.dumpers[0];
+    struct lookup_req r;
+    uint8_t buf[LOOKUP_BUF];
+    fill_request(c, e, &r, ++d->seq);
+    struct iovec iov = {&r, sizeof(r)};
+    if (send_iov(d, &iov, 1, sizeof(r)) < 0)
+        return 0;
+    for (;;) {
+        ssize_t got = recv(d->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (got < 0 && errno == EINTR)
+            continue;
+        const struct nlmsghdr *h = (const struct nlmsghdr *)buf;
+        if (got < (ssize_t)sizeof(*h) || h->nlmsg_len > (size_t)got || h->nlmsg_len < sizeof(*h)) {
+            reset_socket(d);   /* nothing, or something broken: start clean */
+            return 0;
+        }
+        if (h->nlmsg_seq != r.nh.nlmsg_seq)
+            continue;          /* a stale answer */
+        const uint8_t *p = buf + sizeof(*h);
+        uint32_t plen = h->nlmsg_len - sizeof(*h);
+        if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY || plen < IDM_LEN || idm_cookie(p) != e->cookie)
+            return 0;          /* ENOENT: gone meanwhile */
+        if (plen > cap)
+            return -(int64_t)plen;
+        memcpy(out, p, plen);
+        return plen;
+    }
+}
+
 /* Sends the look-ups of k active connections (all LIVE with a stored message) in
  * one datagram and handles their k answers.  Returns -1 if the socket failed. */
 static int lookup_batch(struct tcpi_core *c, const struct active *items, uint32_t k,
@@ -130,20 +181,8 @@ static int lookup_batch(struct tcpi_core *c, const struct active *items, uint32_
     struct tcpi_lookup_stats *ls = &c->result.lookup;
     struct lookup_req reqs[LOOKUP_BATCH];
     uint32_t base = d->seq + 1;
-    memset(reqs, 0, k * sizeof(reqs[0]));
-    for (uint32_t i = 0; i < k; i++) {
-        const struct entry *e = table_find(&c->tbl, items[i].cookie);
-        struct lookup_req *r = &reqs[i];
-        r->nh.nlmsg_len = sizeof(*r);
-        r->nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-        r->nh.nlmsg_flags = NLM_F_REQUEST;
-        r->nh.nlmsg_seq = ++d->seq;
-        r->req.sdiag_family = idm_family(e->data);
-        r->req.sdiag_protocol = IPPROTO_TCP;
-        r->req.idiag_ext = c->ext;
-        r->req.idiag_states = c->states;
-        memcpy(&r->req.id, e->data + IDM_AT(id), sizeof(r->req.id));
-    }
+    for (uint32_t i = 0; i < k; i++)
+        fill_request(c, table_find(&c->tbl, items[i].cookie), &reqs[i], ++d->seq);
     struct iovec iov = {reqs, k * sizeof(reqs[0])};
     if (send_iov(d, &iov, 1, iov.iov_len) < 0) {
         fail(ls, TCPI_E_SYSCALL, errno);

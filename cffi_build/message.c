@@ -160,6 +160,180 @@ int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t p
 #define RECEIVED_AT offsetof(struct tcp_info, tcpi_bytes_received)
 #define COUNTS_END (SENT_AT + 8 > RECEIVED_AT + 8 ? SENT_AT + 8 : RECEIVED_AT + 8)
 
+/* One step of an image's hash: a bijection of h for each word, so that two sequences
+ * of the same length that differ in one word always hash apart. */
+static inline uint64_t hash_step(uint64_t h, uint64_t w)
+{
+    h = (h ^ w) * 0x9E3779B97F4A7C15ull;
+    return h ^ (h >> 29);
+}
+
+/* Two chains, even and odd words, so that the CPU runs them side by side; each is
+ * still a bijection per word, and so is the final step(a, b) in either. */
+struct lanes {
+    uint64_t a, b;
+};
+
+static inline uint64_t lanes_end(struct lanes l)
+{
+    return hash_step(l.a, l.b);
+}
+
+/* The word at v[i] of a value whose bytes end at `end`, zero beyond; `readable` bytes
+ * from v belong to the message, so 8 can be read at once and the excess masked off. */
+static inline uint64_t word_at(const uint8_t *v, uint32_t readable, uint32_t i, uint32_t end)
+{
+    uint64_t w = 0;
+    if (i >= end)
+        return 0;
+    uint32_t take = end - i;
+    if (i + 8 <= readable) {
+        memcpy(&w, v + i, 8);
+        return take >= 8 ? w : w & ((1ull << (8 * take)) - 1);   /* little-endian */
+    }
+    for (uint32_t k = 0; k < take && k < 8; k++)
+        w |= (uint64_t)v[i + k] << (8 * k);
+    return w;
+}
+
+/* Hashes bytes [from, to) of a value of vlen bytes (zero-padded), 8 at a time. */
+static void hash_range(struct lanes *l, const uint8_t *v, uint32_t vlen, uint32_t readable,
+                       uint32_t from, uint32_t to)
+{
+    uint32_t end = to < vlen ? to : vlen, i = from;
+    for (; i + 8 < to; i += 16) {
+        l->a = hash_step(l->a, word_at(v, readable, i, end));
+        l->b = hash_step(l->b, word_at(v, readable, i + 8, end));
+    }
+    if (i < to)
+        l->a = hash_step(l->a, word_at(v, readable, i, end));
+}
+
+static inline uint64_t load64(const uint8_t *v)
+{
+    uint64_t w;
+    memcpy(&w, v, 8);
+    return w;
+}
+
+/* The tcp_info bytes Compare reads, as hash_range over [0, COUNTERS_END) and then
+ * [STATE_FROM, STATE_END) hashes them, with whole-word loads when the message has
+ * the bytes: the one hash every socket of every poll takes. */
+_Static_assert(COUNTERS_END == 44 && STATE_FROM == 60 && STATE_END == 168,
+               "hash_info's word pattern is that of these offsets");
+static inline uint64_t hash_info(const uint8_t *v, uint32_t len, uint32_t readable)
+{
+    struct lanes l = {1, 2};
+    if (len < STATE_END || readable < STATE_END + 4) {
+        hash_range(&l, v, len, readable, 0, COUNTERS_END);
+        hash_range(&l, v, len, readable, STATE_FROM, STATE_END);
+        return lanes_end(l);
+    }
+    const uint64_t low = 0xFFFFFFFFull;
+    for (uint32_t i = 0; i < 32; i += 16) {
+        l.a = hash_step(l.a, load64(v + i));
+        l.b = hash_step(l.b, load64(v + i + 8));
+    }
+    l.a = hash_step(l.a, load64(v + 32));
+    l.b = hash_step(l.b, load64(v + 40) & low);
+    for (uint32_t i = STATE_FROM; i < 156; i += 16) {
+        l.a = hash_step(l.a, load64(v + i));
+        l.b = hash_step(l.b, load64(v + i + 8));
+    }
+    l.a = hash_step(l.a, load64(v + 156));
+    l.b = hash_step(l.b, load64(v + 164) & low);
+    return lanes_end(l);
+}
+
+/* An attribute's value, as hash_range over [0, len) hashes it, with whole-word loads. */
+static inline void hash_value(struct lanes *l, const uint8_t *v, uint32_t len, uint32_t readable)
+{
+    uint32_t words = (len + 7) / 8;
+    if (readable < words * 8) {
+        hash_range(l, v, len, readable, 0, len);
+        return;
+    }
+    for (uint32_t k = 0; k < words; k++) {
+        uint64_t w = load64(v + 8 * k);
+        if (k == words - 1 && (len & 7))
+            w &= (1ull << (8 * (len & 7))) - 1;
+        if (k & 1)
+            l->b = hash_step(l->b, w);
+        else
+            l->a = hash_step(l->a, w);
+    }
+}
+
+/* What Compare needs of a message (see struct image), in one walk of its attributes
+ * in the kernel's order (the same for every message of a socket).  Returns -1 if it
+ * is malformed, as parse_attrs. */
+int image_make(const uint8_t *p, uint32_t n, struct image *img)
+{
+    if (n < IDM_LEN)
+        return -1;
+    memset(img, 0, sizeof(*img));
+    img->family = idm_family(p);
+    img->state = idm_state(p);
+    memcpy(&img->id, p + IDM_AT(id), sizeof(img->id));
+    struct lanes attrs = {1, 2};
+    uint64_t shape = 1;
+    uint32_t pos = IDM_LEN, maxtype = 0;
+    while (pos < n && n - pos >= 4) {
+        uint16_t rlen, rtype;
+        memcpy(&rlen, p + pos, 2);
+        memcpy(&rtype, p + pos + 2, 2);
+        if (rlen < 4 || rlen > n - pos)
+            return -1;
+        if (rtype > maxtype)
+            maxtype = rtype;
+        const uint8_t *v = p + pos + 4;
+        uint32_t len = rlen - 4u, readable = n - pos - 4;
+        pos += (rlen + 3u) & ~3u;
+        if (rtype > MAX_SLOT)
+            continue;
+        img->present |= 1ull << rtype;
+        if (rtype == INET_DIAG_INFO) {   /* a duplicate replaces it, as the last wins */
+            img->info = hash_info(v, len, readable);
+            img->counters = len >= COUNTS_END;
+            if (img->counters) {
+                memcpy(&img->sent, v + SENT_AT, 8);
+                memcpy(&img->received, v + RECEIVED_AT, 8);
+            }
+            continue;
+        }
+        /* Values alone: with the same shape they sit at the same places of one sequence. */
+        shape = hash_step(shape, (uint64_t)rtype << 32 | len);
+        hash_value(&attrs, v, len, readable);
+    }
+    img->nslots = (uint8_t)((maxtype > MAX_SLOT ? MAX_SLOT : maxtype) + 1);
+    img->attrs = lanes_end(attrs);
+    img->shape = shape;
+    return 0;
+}
+
+/* Upstream's Compare(current, previous) on two images: as compare() above, but for
+ * the order of the per-slot kinds (see struct image). */
+uint8_t image_compare(const struct image *cur, const struct image *prev)
+{
+    const uint64_t info = 1ull << INET_DIAG_INFO;
+    if (cur->state != prev->state)
+        return TCPI_STATE_CHANGE;
+    if ((cur->present ^ prev->present) & info)
+        return TCPI_NO_TCPINFO;
+    if ((cur->present & info) && cur->info != prev->info)
+        return TCPI_STATE_OR_COUNTER;
+    if (prev->nslots < cur->nslots)
+        return TCPI_NEW_ATTRIBUTE;
+    if (prev->nslots > cur->nslots)
+        return TCPI_LOST_ATTRIBUTE;
+    uint64_t moved = cur->present ^ prev->present;
+    if (moved)
+        return (cur->present & moved & -moved) ? TCPI_NEW_ATTRIBUTE : TCPI_LOST_ATTRIBUTE;
+    if (cur->shape != prev->shape)
+        return TCPI_ATTRIBUTE_LENGTH;
+    return cur->attrs != prev->attrs ? TCPI_OTHER : TCPI_NO_CHANGE;
+}
+
 /* Adds what a reported record moved to the poll's byte counts: its bytes_sent and
  * bytes_received less those of the connection's previous record (none: a new
  * connection, counted from zero).  A record without those counters adds nothing, and
@@ -176,16 +350,25 @@ static uint32_t counters_at(const uint8_t *p, uint32_t n)
     return a.off[INET_DIAG_INFO];
 }
 
-void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n, const uint8_t *prev,
-                 uint32_t plen)
+void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n, const struct entry *prev)
 {
     uint32_t off = counters_at(cur, n), poff = 0;
     uint64_t sent, received, old_sent = 0, old_received = 0;
-    if (!off || (prev && !(poff = counters_at(prev, plen))))
+    if (prev && !prev->data)
+        prev = NULL;   /* an entry with nothing kept yet: counted from zero */
+    const struct image *img = prev ? entry_image(prev) : NULL;
+    if (!off)
         return;
-    if (prev) {
-        memcpy(&old_sent, prev + poff + SENT_AT, 8);
-        memcpy(&old_received, prev + poff + RECEIVED_AT, 8);
+    if (img) {
+        if (!img->counters)
+            return;
+        old_sent = img->sent;
+        old_received = img->received;
+    } else if (prev) {
+        if (!(poff = counters_at(prev->data, prev->len)))
+            return;
+        memcpy(&old_sent, prev->data + poff + SENT_AT, 8);
+        memcpy(&old_received, prev->data + poff + RECEIVED_AT, 8);
     }
     memcpy(&sent, cur + off + SENT_AT, 8);
     memcpy(&received, cur + off + RECEIVED_AT, 8);

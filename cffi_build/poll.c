@@ -35,7 +35,9 @@ int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n, struct tcpi_fam
         st->excluded++;
         return 0;
     }
-    struct attrs ca;
+    struct image img;   /* the message's, when the table keeps images */
+    int have_img = 0;
+    const int compact = c->destroy.fd >= 0;
     uint64_t cookie = idm_cookie(p);
     struct entry *e = table_find(&c->tbl, cookie);
     uint8_t kind;
@@ -50,18 +52,24 @@ int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n, struct tcpi_fam
         return 0;
     }
     if (e->used && e->fate == LIVE) {
-        if (diff(p, n, e->data, e->len, &kind) < 0) {
+        const struct image *prev = entry_image(e);
+        have_img = prev != NULL;
+        if (prev ? image_make(p, n, &img) < 0 : diff(p, n, e->data, e->len, &kind) < 0) {
             st->bad++;
             e->epoch = c->epoch;  /* a malformed message still proves the socket exists */
             return 0;
         }
+        if (prev)
+            kind = image_compare(&img, prev);
     } else {
         /* New, or a CLOSED cookie connected again (tcp_disconnect keeps the socket). */
         int created;
-        if (parse_attrs(p, n, &ca) < 0) {
+        struct attrs ca;
+        if (compact ? image_make(p, n, &img) < 0 : parse_attrs(p, n, &ca) < 0) {
             st->bad++;
             return 0;
         }
+        have_img = compact;
         if (!e->used && c->destroy.fd >= 0 && idm_timer(p) == TIMER_TIMEWAIT)
             return hold_timewait(c, p, n, cookie);
         if (!(e = table_get(&c->tbl, cookie, &created)))
@@ -83,8 +91,10 @@ int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n, struct tcpi_fam
      * segs_out), so the vanished report still carries the last counters. */
     if (kind == TCPI_NO_CHANGE)
         return 0;
-    count_bytes(c, p, n, e->data, e->len);
-    if (entry_store(e, p, n) < 0)
+    count_bytes(c, p, n, e);
+    if (compact && !have_img)
+        have_img = image_make(p, n, &img) == 0;
+    if (compact && have_img ? entry_store_image(e, &img) < 0 : entry_store(e, p, n) < 0)
         return -1;
     /* The time is its dump's end, not known yet: the source stands in (see stamp). */
     return result_add(c, &c->changed, p, n, cookie, idm_family(p), kind, -(int64_t)c->source - 1);
@@ -111,7 +121,8 @@ static void prefetch(struct tcpi_core *c, const uint8_t *b, uint32_t n, uint16_t
                     __builtin_prefetch(&c->tbl.slots[table_slot(&c->tbl, cookie)]);
                 } else {
                     const struct entry *e = table_find(&c->tbl, cookie);
-                    for (uint32_t off = 0; e->used && off < e->len; off += 64)
+                    uint32_t len = entry_image(e) ? sizeof(struct image) : e->len;
+                    for (uint32_t off = 0; e->used && off < len; off += 64)
                         __builtin_prefetch(e->data + off);
                 }
             }
@@ -306,8 +317,10 @@ static void sweep(struct tcpi_core *c, int ok6, int ok4, int64_t now_real)
             continue;
         }
         if (e->fate == LIVE) {
-            if (result_add(c, &c->gone, e->data, e->len, e->cookie, e->family, TCPI_NO_CHANGE,
-                       now_real) < 0)
+            /* Its last message, if the table kept it (not an image): else an empty record,
+             * the close of a connection whose notification was lost. */
+            if (result_add(c, &c->gone, entry_image(e) ? NULL : e->data, e->len, e->cookie,
+                           e->family, TCPI_NO_CHANGE, now_real) < 0)
                 break;
             entry_drop(e);
             if (c->destroy.fd >= 0) {      /* wait for a late notification */

@@ -78,6 +78,22 @@ int entry_store(struct entry *e, const uint8_t *p, uint32_t n)
     return 0;
 }
 
+/* Keeps the image of the socket's message instead (see struct image). */
+int entry_store_image(struct entry *e, const struct image *img)
+{
+    if (!entry_image(e)) {
+        uint8_t *nd = malloc(sizeof(*img));
+        if (!nd)
+            return -1;
+        free(e->data);
+        e->data = nd;
+        e->cap = sizeof(*img);
+    }
+    memcpy(e->data, img, sizeof(*img));
+    e->len = 0;
+    return 0;
+}
+
 void entry_drop(struct entry *e)
 {
     free(e->data);
@@ -97,7 +113,8 @@ static int arena_put(struct arena *a, const uint8_t *p, uint32_t n, uint32_t *of
         a->data = nd;
         a->cap = ncap;
     }
-    memcpy(a->data + a->len, p, n);
+    if (n)   /* a close with no message kept has none */
+        memcpy(a->data + a->len, p, n);
     *off = a->len;
     a->len += n;
     return 0;
@@ -131,6 +148,8 @@ int64_t tcpi_snapshot(struct tcpi_core *c, uint64_t cookie, uint8_t *out, uint32
     const struct entry *e = table_find(&c->tbl, cookie);
     if (!e->used || e->fate != LIVE || !e->data)
         return 0;
+    if (entry_image(e))   /* the message itself was not kept: ask the kernel for it now */
+        return lookup_message(c, e, out, cap);
     if (e->len > cap)
         return -(int64_t)e->len;
     memcpy(out, e->data, e->len);

@@ -408,10 +408,31 @@ enum fate {
                       ignored until the dumps lose it */
 };
 
+/* What the next poll's Compare needs of a LIVE connection's last message, kept instead
+ * of the message while destroy notifications are heard (they bring each connection's
+ * final message, so the table need not): about 100 bytes instead of about 480.  The
+ * bytes Compare reads are kept as hashes of a chain of bijective steps (a change of one
+ * 8-byte word always changes the hash; anything else collides with odds of 2^-64).
+ * Of upstream's change kinds, NewAttribute, LostAttribute, AttributeLength and Other
+ * are told apart by presence first, then lengths, then bytes, not slot by slot: all
+ * four mean "write", and none reaches an archive.  Attributes are hashed in the
+ * kernel's order, each copy of a duplicate included (no kernel sends one; upstream
+ * would read the last): at worst an extra record, never a missed one. */
+struct image {
+    uint64_t info;      /* the tcp_info bytes Compare reads, zero-padded */
+    uint64_t attrs;     /* every other slot's type, length and bytes, in slot order */
+    uint64_t shape;     /* their types and lengths */
+    uint64_t present;   /* bit t: slot t holds an attribute */
+    uint64_t sent, received;   /* tcpi_bytes_sent and _received, if counters */
+    struct inet_diag_sockid id;   /* the look-ups ask for it */
+    uint8_t family, state, nslots, counters;
+};
+
 struct entry {
     uint64_t cookie;
-    uint8_t *data;     /* last payload seen (LIVE only) */
-    uint32_t len, cap;
+    uint8_t *data;     /* LIVE: the last message that changed, or its struct image;
+                          HELD: the message */
+    uint32_t len, cap; /* len 0 with data set: data is a struct image */
     uint32_t epoch;    /* poll number when last seen */
     uint8_t family;
     uint8_t used;
@@ -420,6 +441,24 @@ struct entry {
     int64_t since_ns;  /* LIVE: first poll that missed it (0: seen); CLOSED: closing time;
                           HELD: when a dump first showed it */
 };
+
+static inline const struct image *entry_image(const struct entry *e)
+{
+    return e->data && !e->len ? (const struct image *)e->data : NULL;
+}
+
+static inline uint8_t entry_family(const struct entry *e)
+{
+    const struct image *img = entry_image(e);
+    return img ? img->family : idm_family(e->data);
+}
+
+/* The socket id (ports and addresses in network order, interface, cookie). */
+static inline const struct inet_diag_sockid *entry_id(const struct entry *e)
+{
+    const struct image *img = entry_image(e);
+    return img ? &img->id : (const struct inet_diag_sockid *)(e->data + IDM_AT(id));
+}
 
 /* An address prefix, matched as inet_diag bytecode's host condition does. */
 struct net {
@@ -625,6 +664,7 @@ INTERNAL int table_grow(struct table *t);
 INTERNAL struct entry *table_get(struct table *t, uint64_t cookie, int *created);
 INTERNAL void table_delete_at(struct table *t, uint32_t i);
 INTERNAL int entry_store(struct entry *e, const uint8_t *p, uint32_t n);
+INTERNAL int entry_store_image(struct entry *e, const struct image *img);
 INTERNAL void entry_drop(struct entry *e);
 INTERNAL int result_add(struct tcpi_core *c, struct recvec *v, const uint8_t *p, uint32_t n,
                         uint64_t cookie, uint8_t family, uint8_t kind, int64_t realtime_ns);
@@ -633,8 +673,10 @@ INTERNAL int result_add(struct tcpi_core *c, struct recvec *v, const uint8_t *p,
 INTERNAL int parse_attrs(const uint8_t *p, uint32_t n, struct attrs *a);
 INTERNAL int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen,
                   uint8_t *kind);
-INTERNAL void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n, const uint8_t *prev,
-                          uint32_t plen);
+INTERNAL int image_make(const uint8_t *p, uint32_t n, struct image *img);
+INTERNAL uint8_t image_compare(const struct image *cur, const struct image *prev);
+INTERNAL void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n,
+                          const struct entry *prev);
 
 /* filter.c */
 INTERNAL int filter_drops(const struct filter *f, const uint8_t *idm);
@@ -676,6 +718,8 @@ INTERNAL void stop_helpers(struct tcpi_core *c);
 
 /* lookup.c: the fast tier */
 INTERNAL int tier_join(struct tcpi_core *c, struct entry *e);
+INTERNAL int64_t lookup_message(struct tcpi_core *c, const struct entry *e, uint8_t *out,
+                                uint32_t cap);
 INTERNAL void tier_free(struct tcpi_core *c);
 
 /* destroy.c: destroy notifications */

@@ -251,9 +251,11 @@ void tcpi_port_histogram(struct tcpi_core *c, uint8_t family, uint32_t *local, u
     memset(remote, 0, 256 * sizeof(*remote));
     for (uint32_t i = 0; i < c->tbl.cap; i++) {
         const struct entry *e = &c->tbl.slots[i];
-        if (e->used && e->fate == LIVE && e->len >= IDM_LEN && idm_family(e->data) == family) {
-            local[idm_sport(e->data) >> 8]++;   /* by the port's high byte */
-            remote[idm_dport(e->data) >> 8]++;
+        if (e->used && e->fate == LIVE && e->data && entry_family(e) == family) {
+            const uint8_t *sport = (const uint8_t *)&entry_id(e)->idiag_sport;
+            const uint8_t *dport = (const uint8_t *)&entry_id(e)->idiag_dport;
+            local[sport[0]]++;   /* by the port's high byte (network order: the first) */
+            remote[dport[0]]++;
         }
     }
 }

@@ -8,13 +8,22 @@ import pytest
 from lab.netns import cookie_of
 from tcpinfo.collector.poller import CHANGE_NAMES, PREVIOUS_WAS_NIL, Poller
 from tcpinfo.collector.sockfilter import Filter
+from tcpinfo.kernel.inetdiag import INET_DIAG_INFO, attribute_span
 
 TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT = 4, 5, 8
 
 
-def poller_in(topo, ns, exclusions=None) -> Poller:
+def poller_in(topo, ns, exclusions=None, keeps: str = "messages") -> Poller:
+    """A poller whose table keeps each connection's last message, or (`keeps="images"`) only
+    what Compare needs of it, as it does while destroy notifications are heard."""
     with topo.inside(ns):
-        return Poller(exclusions)
+        poller = Poller(exclusions)
+        if keeps == "images":
+            poller.listen_destroyed()
+        return poller
+
+
+both_tables = pytest.mark.parametrize("keeps", ["messages", "images"])
 
 
 def settle(poller: Poller, quiet_polls: int = 2, limit: float = 5.0):
@@ -31,9 +40,11 @@ def state_of(payload: bytes) -> int:
     return payload[1]
 
 
-def test_idle_connections_yield_nothing_on_second_poll_and_one_byte_yields_one_record(testnet):
+@both_tables
+def test_idle_connections_yield_nothing_on_second_poll_and_one_byte_yields_one_record(testnet,
+                                                                                       keeps):
     pairs = testnet.open_many(5000)
-    poller = poller_in(testnet, testnet.ns_a)
+    poller = poller_in(testnet, testnet.ns_a, keeps=keeps)
     first = poller.poll()
     assert first.inet.error is None and first.inet6.error is None
     cookies = {cookie_of(c) for c, _ in pairs}
@@ -66,10 +77,11 @@ def test_record_carries_the_kernels_raw_message(testnet):
     assert change.timestamp_ns == pytest.approx(time.time_ns(), abs=2e9)
 
 
-def test_state_changes_are_reported(shaped_testnet):
+@both_tables
+def test_state_changes_are_reported(shaped_testnet, keeps):
     topo = shaped_testnet
     client, server, _ = topo.connect()
-    pa, pb = poller_in(topo, topo.ns_a), poller_in(topo, topo.ns_b)
+    pa, pb = poller_in(topo, topo.ns_a, keeps=keeps), poller_in(topo, topo.ns_b, keeps=keeps)
     settle(pa), settle(pb)
     # 200 KB behind a 2 Mbit/s link: the server's FIN waits behind the data, so
     # the server sits in FIN_WAIT1 for most of a second.
@@ -207,11 +219,11 @@ def _kernel_bytes(sock: socket.socket) -> tuple[int, int]:
     return info["bytes_sent"], info["bytes_received"]
 
 
-def test_the_polls_byte_counts_add_up_to_the_kernels_counters(testnet):
+@both_tables
+def test_the_polls_byte_counts_add_up_to_the_kernels_counters(testnet, keeps):
     """Upstream's byte-rate histograms are fed by the core: each reported record adds how far the
     connection's counters moved since its previous one, so their sum is what the socket moved."""
-    with testnet.inside(testnet.ns_a):
-        poller = Poller(Filter(local=False))
+    poller = poller_in(testnet, testnet.ns_a, Filter(local=False), keeps=keeps)
     client, server, _ = testnet.connect()
     sent = received = 0
     for size in (0, 70_000, 3_000, 250_000):
@@ -232,3 +244,28 @@ def test_the_polls_byte_counts_add_up_to_the_kernels_counters(testnet):
     assert sent >= 323_000 and received >= 161_500
     assert poller.poll().bytes_sent == 0      # nothing moved: nothing counted
     poller.close()
+
+
+def _last_data_recv_ms(payload: bytes) -> int:
+    off, length = attribute_span(payload, INET_DIAG_INFO)
+    assert length >= 56
+    return struct.unpack_from("<I", payload, off + 52)[0]   # tcpi_last_data_recv
+
+
+def test_a_query_of_an_open_connection_reads_the_kernels_current_message(testnet):
+    """With only images in the table, snapshot() asks the kernel now: the idle timers that
+    Compare ignores (tcpi_last_data_recv) have moved on since the last reported record."""
+    client, server, _ = testnet.connect()
+    server.send(b"x")
+    poller = poller_in(testnet, testnet.ns_a, keeps="images")
+    cookie = cookie_of(client)
+    reported = None
+    for _ in range(10):
+        reported = next((c.payload for c in poller.poll().changes if c.cookie == cookie), reported)
+        time.sleep(0.02)
+    time.sleep(0.4)
+    now = poller.snapshot(cookie)
+    assert now is not None and struct.unpack_from("<Q", now, 44)[0] == cookie
+    assert _last_data_recv_ms(now) >= _last_data_recv_ms(reported) + 300
+    assert poller.poll().changes == []   # the look-up changed nothing in the table
+    assert poller.snapshot(12345) is None

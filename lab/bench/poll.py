@@ -40,7 +40,9 @@ def open_connections(topo: Topology, n: int, port: int = 5000, same_ns: bool = F
     holder; from a, or with `same_ns` from b itself, so that b holds both ends); returns their
     handles."""
     client_ns = topo.ns_b if same_ns else topo.ns_a
-    topo.exec(client_ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
+    # Ephemeral ports above the listeners' (port, port + 1, ...): with both ends in one
+    # namespace a client could otherwise take a port that a later holder still has to bind.
+    topo.exec(client_ns, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={port + 1000} 65535")
     ctx = multiprocessing.get_context("fork")
     holders = []
     while n > 0:

@@ -248,15 +248,15 @@ class Collector:
         self._count_destroy(result.destroy)
         self._close_destroyed(result.destroyed)
         now_ns = time.time_ns()
-        for payload, cookie, *_ in result.vanished:
-            self._close(cookie, now_ns, payload)
+        for payload, cookie, *_ in result.vanished:   # empty: no message kept (see struct image)
+            self._close(cookie, now_ns, payload or None)
         self._saver.flush_due(now_ns)
         self._count(result, new)
         if self._queries is not None and self._queries.waiting:   # polls back to back: no wait
             self._queries.answer_pending(now_ns)
         return result
 
-    def _close(self, cookie: int, ts: int, final: bytes) -> None:
+    def _close(self, cookie: int, ts: int, final: bytes | None) -> None:
         """Ends a connection: Close event, archive written and closed, its counters forgotten,
         and its final snapshot counted in the health aggregates."""
         self._events.flow_deleted(ts, make_uuid(self._prefix, cookie))

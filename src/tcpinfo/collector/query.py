@@ -50,7 +50,7 @@ class ConnectionQueries:
         self._poller = poller
         self._health = health
         self._pending: deque[tuple[str, Reply]] = deque()
-        self._recent: OrderedDict[int, tuple[int, bytes, dict | None]] = OrderedDict()
+        self._recent: OrderedDict[int, tuple[int, bytes | None, dict | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -88,8 +88,9 @@ class ConnectionQueries:
             status, answer = self.answer(uuid, now_ns)
             reply(status, orjson.dumps(answer, option=orjson.OPT_INDENT_2) + b"\n")
 
-    def remember_close(self, cookie: int, final: bytes, ts_ns: int) -> None:
-        """A connection closed: its final snapshot (and what the samples said) stays queryable."""
+    def remember_close(self, cookie: int, final: bytes | None, ts_ns: int) -> None:
+        """A connection closed: its final snapshot (and what the samples said) stays queryable;
+        None when there is none (its destroy notification was lost)."""
         seen = self._health.seen(cookie) if self._health is not None else None
         recent = self._recent
         recent[cookie] = (ts_ns, final, seen)
@@ -111,6 +112,10 @@ class ConnectionQueries:
         closed = self._recent.get(cookie)
         if closed is not None and now_ns - closed[0] <= RECENT_NS:
             ts_ns, final, seen = closed
+            if final is None:
+                return 200, {"uuid": uuid, "state": "closed", "snapshot_time": format_time(ts_ns),
+                             "snapshot": None, "note": "closed without a final snapshot: its "
+                             "destroy notification was lost (see tcpinfo_destroy_overruns_total)"}
             return 200, self._describe(uuid, "closed", final, ts_ns, seen)
         return 404, {"error": f"connection {uuid!r} is neither open nor closed in the last "
                               f"{RECENT_NS // 1_000_000_000} s"}
