@@ -14,28 +14,45 @@
 #define STATE_FROM offsetof(struct tcp_info, tcpi_pmtu)
 #define STATE_END offsetof(struct tcp_info, tcpi_busy_time)
 
+/* Reads the rtattr at *at of a message: its type, and its value's offset and length;
+ * moves *at past it.  Returns 1, 0 at the end of the message, -1 if malformed. */
+static inline int next_attr(const uint8_t *p, uint32_t n, uint32_t *at, uint16_t *type,
+                            uint32_t *off, uint32_t *len)
+{
+    uint32_t pos = *at;
+    uint16_t rlen;
+    if (pos >= n || n - pos < 4)
+        return 0;
+    memcpy(&rlen, p + pos, 2);
+    memcpy(type, p + pos + 2, 2);
+    if (rlen < 4 || rlen > n - pos)
+        return -1;
+    *off = pos + 4;
+    *len = rlen - 4u;
+    *at = pos + ((rlen + 3u) & ~3u);
+    return 1;
+}
+
 /* Splits the bytes after the inet_diag_msg into slots as upstream does: the last
  * duplicate wins, types above 38 are dropped.  Returns -1 on a malformed rtattr
  * (upstream's EINVAL: the whole record is rejected). */
 int parse_attrs(const uint8_t *p, uint32_t n, struct attrs *a)
 {
-    uint32_t pos = IDM_LEN, maxtype = 0;
+    uint32_t at = IDM_LEN, maxtype = 0, off, len;
+    uint16_t rtype;
+    int got;
     memset(a->present, 0, sizeof(a->present));
-    while (pos < n && n - pos >= 4) {
-        uint16_t rlen, rtype;
-        memcpy(&rlen, p + pos, 2);
-        memcpy(&rtype, p + pos + 2, 2);
-        if (rlen < 4 || rlen > n - pos)
-            return -1;
+    while ((got = next_attr(p, n, &at, &rtype, &off, &len)) > 0) {
         if (rtype > maxtype)
             maxtype = rtype;
         if (rtype <= MAX_SLOT) {
             a->present[rtype] = 1;
-            a->off[rtype] = (uint16_t)(pos + 4);
-            a->len[rtype] = (uint16_t)(rlen - 4);
+            a->off[rtype] = (uint16_t)off;
+            a->len[rtype] = (uint16_t)len;
         }
-        pos += (rlen + 3u) & ~3u;
     }
+    if (got < 0)
+        return -1;
     a->nslots = (int)(maxtype > MAX_SLOT ? MAX_SLOT : maxtype) + 1;
     return 0;
 }
@@ -277,18 +294,14 @@ int image_make(const uint8_t *p, uint32_t n, struct image *img)
     memcpy(&img->id, p + IDM_AT(id), sizeof(img->id));
     struct lanes attrs = {1, 2};
     uint64_t shape = 1;
-    uint32_t pos = IDM_LEN, maxtype = 0;
-    while (pos < n && n - pos >= 4) {
-        uint16_t rlen, rtype;
-        memcpy(&rlen, p + pos, 2);
-        memcpy(&rtype, p + pos + 2, 2);
-        if (rlen < 4 || rlen > n - pos)
-            return -1;
+    uint32_t at = IDM_LEN, maxtype = 0, off, len;
+    uint16_t rtype;
+    int got;
+    while ((got = next_attr(p, n, &at, &rtype, &off, &len)) > 0) {
         if (rtype > maxtype)
             maxtype = rtype;
-        const uint8_t *v = p + pos + 4;
-        uint32_t len = rlen - 4u, readable = n - pos - 4;
-        pos += (rlen + 3u) & ~3u;
+        const uint8_t *v = p + off;
+        uint32_t readable = n - off;
         if (rtype > MAX_SLOT)
             continue;
         img->present |= 1ull << rtype;
@@ -305,6 +318,8 @@ int image_make(const uint8_t *p, uint32_t n, struct image *img)
         shape = hash_step(shape, (uint64_t)rtype << 32 | len);
         hash_value(&attrs, v, len, readable);
     }
+    if (got < 0)
+        return -1;
     img->nslots = (uint8_t)((maxtype > MAX_SLOT ? MAX_SLOT : maxtype) + 1);
     img->attrs = lanes_end(attrs);
     img->shape = shape;
