@@ -420,8 +420,8 @@ enum fate {
  * would read the last): at worst an extra record, never a missed one. */
 struct image {
     uint64_t info;      /* the tcp_info bytes Compare reads, zero-padded */
-    uint64_t attrs;     /* every other slot's type, length and bytes, in slot order */
-    uint64_t shape;     /* their types and lengths */
+    uint64_t attrs;     /* every other attribute's value bytes, in the kernel's order */
+    uint64_t shape;     /* their types and lengths, in the same order */
     uint64_t present;   /* bit t: slot t holds an attribute */
     uint64_t sent, received;   /* tcpi_bytes_sent and _received, if counters */
     struct inet_diag_sockid id;   /* the look-ups ask for it */

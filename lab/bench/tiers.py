@@ -160,6 +160,7 @@ def bench_sweep(n: int, rounds: int) -> dict:
         with topo.inside(topo.ns_b):
             one, two, threaded = Poller(), Poller(), Poller()
         one.set_one_walk(True)
+        one.listen_destroyed()   # as the default does: its table keeps images, not messages
         threaded.set_threads(2)
         for _ in range(12):
             one.poll()
