@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from helpers.poller import drain_until, listening_poller
 from lab.netns import cookie_of
@@ -152,6 +153,23 @@ print(json.dumps([sorted(closed), overruns, by_polls]), flush=True)
 """
 
 
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Returns once every thread of the process is in the stopped state ('T' in its stat):
+    kill() only queues SIGSTOP, and a busy machine may run a thread a while longer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, IndexError):
+                continue
+        if states and all(state == "T" for state in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s")
+
+
 def test_notifications_lost_to_a_full_buffer_are_counted_and_polls_close_the_rest(testnet):
     """...with no message: while notifications are heard the table keeps only what Compare
     needs of each connection (struct image), not a message to report at its close."""
@@ -162,6 +180,7 @@ def test_notifications_lost_to_a_full_buffer_are_counted_and_polls_close_the_res
     try:
         assert set(json.loads(proc.stdout.readline())) == cookies
         proc.send_signal(signal.SIGSTOP)   # nobody reads: most notifications are dropped
+        wait_stopped(proc.pid)             # (a reader thread not yet stopped would read them)
         for client, server in pairs:
             client.close()
             server.close()

@@ -275,8 +275,9 @@ class Poller:
         self._split_min = split_min
 
     def _adapt(self, poll_ns: int, tracked: int) -> None:
-        if not self._polled:        # the first poll records every connection: not a measure
-            self._polled = True
+        if not self._polled:        # the first poll records every connection: not a measure,
+            self._polled = True     # and the first decision waits for REBALANCE_NS of polls
+            self._adapt_at = time.monotonic_ns() + REBALANCE_NS   # (one slow one is no trend)
             return
         self._poll_ns = poll_ns if not self._poll_ns else 0.8 * self._poll_ns + 0.2 * poll_ns
         now = time.monotonic_ns()
