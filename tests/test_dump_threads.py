@@ -176,11 +176,12 @@ def test_an_empty_namespace_stays_on_one_thread_however_slow_its_sweeps(testnet)
 def test_auto_threads_first_decision_waits_for_a_trend_not_one_slow_poll(testnet):
     """The polls just after the first (the saver busy with every new connection) can be slow
     once; auto's first check comes REBALANCE_NS after the first poll, over the smoothed time."""
-    pairs = testnet.open_many(50)   # held open for the polls
+    pairs = testnet.open_many(50)
     with testnet.inside(testnet.ns_b):
         poller = Poller()
     poller.auto_threads(2, engage_ns=0, release_ns=0, split_min=0)   # any poll is "slow"
-    for _ in range(3):
+    assert len(poller.poll().changes) == len(pairs)
+    for _ in range(2):
         poller.poll()
     assert poller.threads == 1
     poller._adapt_at = 0      # the two seconds are over
