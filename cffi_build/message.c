@@ -165,13 +165,6 @@ int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen, uin
     return 0;
 }
 
-int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen)
-{
-    uint8_t kind;
-    if (n < IDM_LEN || plen < IDM_LEN || diff(cur, n, prev, plen, &kind) < 0)
-        return -1;
-    return kind;
-}
 
 #define SENT_AT offsetof(struct tcp_info, tcpi_bytes_sent)
 #define RECEIVED_AT offsetof(struct tcp_info, tcpi_bytes_received)
@@ -185,45 +178,15 @@ static inline uint64_t hash_step(uint64_t h, uint64_t w)
     return h ^ (h >> 29);
 }
 
-/* Two chains, even and odd words, so that the CPU runs them side by side; each is
- * still a bijection per word, and so is the final step(a, b) in either. */
+/* Four chains, word k of a block in chain k % 4, so that the CPU runs them side by
+ * side; each is still a bijection per word, and so is the final fold of the four. */
 struct lanes {
-    uint64_t a, b;
+    uint64_t h[4];
 };
 
 static inline uint64_t lanes_end(struct lanes l)
 {
-    return hash_step(l.a, l.b);
-}
-
-/* The word at v[i] of a value whose bytes end at `end`, zero beyond; `readable` bytes
- * from v belong to the message, so 8 can be read at once and the excess masked off. */
-static inline uint64_t word_at(const uint8_t *v, uint32_t readable, uint32_t i, uint32_t end)
-{
-    uint64_t w = 0;
-    if (i >= end)
-        return 0;
-    uint32_t take = end - i;
-    if (i + 8 <= readable) {
-        memcpy(&w, v + i, 8);
-        return take >= 8 ? w : w & ((1ull << (8 * take)) - 1);   /* little-endian */
-    }
-    for (uint32_t k = 0; k < take && k < 8; k++)
-        w |= (uint64_t)v[i + k] << (8 * k);
-    return w;
-}
-
-/* Hashes bytes [from, to) of a value of vlen bytes (zero-padded), 8 at a time. */
-static void hash_range(struct lanes *l, const uint8_t *v, uint32_t vlen, uint32_t readable,
-                       uint32_t from, uint32_t to)
-{
-    uint32_t end = to < vlen ? to : vlen, i = from;
-    for (; i + 8 < to; i += 16) {
-        l->a = hash_step(l->a, word_at(v, readable, i, end));
-        l->b = hash_step(l->b, word_at(v, readable, i + 8, end));
-    }
-    if (i < to)
-        l->a = hash_step(l->a, word_at(v, readable, i, end));
+    return hash_step(hash_step(hash_step(l.h[0], l.h[1]), l.h[2]), l.h[3]);
 }
 
 static inline uint64_t load64(const uint8_t *v)
@@ -233,97 +196,146 @@ static inline uint64_t load64(const uint8_t *v)
     return w;
 }
 
-/* The tcp_info bytes Compare reads, as hash_range over [0, COUNTERS_END) and then
- * [STATE_FROM, STATE_END) hashes them, with whole-word loads when the message has
- * the bytes: the one hash every socket of every poll takes. */
-_Static_assert(COUNTERS_END == 44 && STATE_FROM == 60 && STATE_END == 168,
-               "hash_info's word pattern is that of these offsets");
-static inline uint64_t hash_info(const uint8_t *v, uint32_t len, uint32_t readable)
+/* The word of the `avail` (1 and up) bytes at v, zero-padded if fewer than 8: one load,
+ * of the 8 bytes that end at the last of them (the 8 before v are readable too). */
+static inline uint64_t tail_word(const uint8_t *v, uint32_t avail)
 {
-    struct lanes l = {1, 2};
-    if (len < STATE_END || readable < STATE_END + 4) {
-        hash_range(&l, v, len, readable, 0, COUNTERS_END);
-        hash_range(&l, v, len, readable, STATE_FROM, STATE_END);
-        return lanes_end(l);
+    return avail >= 8 ? load64(v) : load64(v + avail - 8) >> (64 - 8 * avail);   /* little-endian */
+}
+
+/* Hashes the len bytes at v, 8 at a time, the last word zero-padded: never a byte beyond
+ * v + len, and none before v but the 8 that the message (or its copy) has there. */
+static inline void hash_block(struct lanes *l, const uint8_t *v, uint32_t len)
+{
+    uint64_t a = l->h[0], b = l->h[1], c = l->h[2], d = l->h[3];
+    uint32_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+        a = hash_step(a, load64(v + i));
+        b = hash_step(b, load64(v + i + 8));
+        c = hash_step(c, load64(v + i + 16));
+        d = hash_step(d, load64(v + i + 24));
     }
-    const uint64_t low = 0xFFFFFFFFull;
-    for (uint32_t i = 0; i < 32; i += 16) {
-        l.a = hash_step(l.a, load64(v + i));
-        l.b = hash_step(l.b, load64(v + i + 8));
+    if (i < len)
+        a = hash_step(a, tail_word(v + i, len - i));
+    if (i + 8 < len)
+        b = hash_step(b, tail_word(v + i + 8, len - i - 8));
+    if (i + 16 < len)
+        c = hash_step(c, tail_word(v + i + 16, len - i - 16));
+    l->h[0] = a, l->h[1] = b, l->h[2] = c, l->h[3] = d;
+}
+
+/* The tcp_info bytes Compare reads, [0, COUNTERS_END) and [STATE_FROM, STATE_END),
+ * of a value zero-padded to STATE_END (an old kernel's shorter tcp_info). */
+static inline uint64_t hash_info(const uint8_t *v, uint32_t len)
+{
+    uint8_t padded[STATE_END];
+    if (len < STATE_END) {
+        memset(padded, 0, sizeof(padded));
+        memcpy(padded, v, len);
+        v = padded;
     }
-    l.a = hash_step(l.a, load64(v + 32));
-    l.b = hash_step(l.b, load64(v + 40) & low);
-    for (uint32_t i = STATE_FROM; i < 156; i += 16) {
-        l.a = hash_step(l.a, load64(v + i));
-        l.b = hash_step(l.b, load64(v + i + 8));
-    }
-    l.a = hash_step(l.a, load64(v + 156));
-    l.b = hash_step(l.b, load64(v + 164) & low);
+    struct lanes l = {{1, 2, 3, 4}};
+    hash_block(&l, v, COUNTERS_END);
+    hash_block(&l, v + STATE_FROM, STATE_END - STATE_FROM);
     return lanes_end(l);
 }
 
-/* An attribute's value, as hash_range over [0, len) hashes it, with whole-word loads. */
-static inline void hash_value(struct lanes *l, const uint8_t *v, uint32_t len, uint32_t readable)
-{
-    uint32_t words = (len + 7) / 8;
-    if (readable < words * 8) {
-        hash_range(l, v, len, readable, 0, len);
-        return;
-    }
-    for (uint32_t k = 0; k < words; k++) {
-        uint64_t w = load64(v + 8 * k);
-        if (k == words - 1 && (len & 7))
-            w &= (1ull << (8 * (len & 7))) - 1;
-        if (k & 1)
-            l->b = hash_step(l->b, w);
-        else
-            l->a = hash_step(l->a, w);
-    }
-}
-
 /* What Compare needs of a message (see struct image), in one walk of its attributes
- * in the kernel's order (the same for every message of a socket).  Returns -1 if it
- * is malformed, as parse_attrs. */
+ * in the kernel's order (the same for every message of a socket), then one hash of
+ * the bytes around the (last) tcp_info attribute as they lie: the other attributes,
+ * headers and padding included.  Returns -1 if it is malformed, as parse_attrs. */
 int image_make(const uint8_t *p, uint32_t n, struct image *img)
 {
     if (n < IDM_LEN)
         return -1;
-    memset(img, 0, sizeof(*img));
-    img->family = idm_family(p);
-    img->state = idm_state(p);
-    memcpy(&img->id, p + IDM_AT(id), sizeof(img->id));
-    struct lanes attrs = {1, 2};
-    uint64_t shape = 1;
-    uint32_t at = IDM_LEN, maxtype = 0, off, len;
+    uint64_t present = 0, shape = 1;
+    uint32_t at = IDM_LEN, maxtype = 0, off, len, info_from = n, info_to = n, info_len = 0;
     uint16_t rtype;
     int got;
     while ((got = next_attr(p, n, &at, &rtype, &off, &len)) > 0) {
         if (rtype > maxtype)
             maxtype = rtype;
-        const uint8_t *v = p + off;
-        uint32_t readable = n - off;
         if (rtype > MAX_SLOT)
             continue;
-        img->present |= 1ull << rtype;
+        present |= 1ull << rtype;
         if (rtype == INET_DIAG_INFO) {   /* a duplicate replaces it, as the last wins */
-            img->info = hash_info(v, len, readable);
-            img->counters = len >= COUNTS_END;
-            if (img->counters) {
-                memcpy(&img->sent, v + SENT_AT, 8);
-                memcpy(&img->received, v + RECEIVED_AT, 8);
-            }
-            continue;
+            info_from = off - 4;
+            info_to = at < n ? at : n;
+            info_len = len;
+        } else {   /* a bijection of shape per header, cheaper than hash_step */
+            shape = shape * 0x9E3779B97F4A7C15ull + ((uint64_t)rtype << 32 | len);
         }
-        /* Values alone: with the same shape they sit at the same places of one sequence. */
-        shape = hash_step(shape, (uint64_t)rtype << 32 | len);
-        hash_value(&attrs, v, len, readable);
     }
     if (got < 0)
         return -1;
-    img->nslots = (uint8_t)((maxtype > MAX_SLOT ? MAX_SLOT : maxtype) + 1);
+    struct lanes attrs = {{1, 2, 3, 4}};
+    hash_block(&attrs, p + IDM_LEN, info_from - IDM_LEN);
+    hash_block(&attrs, p + info_to, n - info_to);
+    img->info = img->sent = img->received = img->counters = 0;
+    if (present >> INET_DIAG_INFO & 1) {
+        const uint8_t *info = p + info_from + 4;
+        img->info = hash_info(info, info_len);
+        img->counters = info_len >= COUNTS_END;
+        if (img->counters) {
+            memcpy(&img->sent, info + SENT_AT, 8);
+            memcpy(&img->received, info + RECEIVED_AT, 8);
+        }
+    }
     img->attrs = lanes_end(attrs);
     img->shape = shape;
+    img->present = present;
+    memcpy(&img->id, p + IDM_AT(id), sizeof(img->id));
+    img->family = idm_family(p);
+    img->state = idm_state(p);
+    img->nslots = (uint8_t)((maxtype > MAX_SLOT ? MAX_SLOT : maxtype) + 1);
+    img->len = n;
+    img->info_at = img->info_len = 0;
+    if ((present >> INET_DIAG_INFO & 1) && n <= UINT16_MAX) {
+        img->info_at = (uint16_t)info_from;
+        img->info_len = (uint16_t)info_len;
+    }
     return 0;
+}
+
+/* The hashes of a message whose layout is its last one's, laid out as `prev` says: the
+ * bytes before and after the tcp_info attribute, and its own.  Equal bytes around it
+ * (attribute headers included) and the same tcp_info header there mean that a walk would
+ * find what it found last time, so none is needed. */
+static inline void hash_laid_out(const uint8_t *p, uint32_t n, const struct image *prev,
+                                 uint64_t *attrs, uint64_t *info)
+{
+    uint32_t from = prev->info_at, to = from + ((prev->info_len + 7u) & ~3u);
+    struct lanes around = {{1, 2, 3, 4}};
+    if (to > n)
+        to = n;
+    hash_block(&around, p + IDM_LEN, from - IDM_LEN);
+    hash_block(&around, p + to, n - to);
+    *attrs = lanes_end(around);
+    *info = hash_info(p + from + 4, prev->info_len);
+}
+
+/* image_compare(image of p, prev) without the image, when p is laid out as prev's message
+ * was (the same length, tcp_info where it was with the same length, and the same bytes
+ * around it): an idle socket's case, taken without a walk of its attributes.  Returns 0
+ * when that is not so (take image_make), else 1 with *kind. */
+int image_same_layout(const uint8_t *p, uint32_t n, const struct image *prev, uint8_t *kind)
+{
+    uint16_t header[2];
+    uint64_t attrs, info;
+    if (n != prev->len || !prev->info_at)
+        return 0;
+    if (idm_state(p) != prev->state) {
+        *kind = TCPI_STATE_CHANGE;
+        return 1;
+    }
+    memcpy(header, p + prev->info_at, 4);
+    if (header[0] != prev->info_len + 4u || header[1] != INET_DIAG_INFO)
+        return 0;
+    hash_laid_out(p, n, prev, &attrs, &info);
+    if (attrs != prev->attrs)
+        return 0;
+    *kind = info != prev->info ? TCPI_STATE_OR_COUNTER : TCPI_NO_CHANGE;
+    return 1;
 }
 
 /* Upstream's Compare(current, previous) on two images: as compare() above, but for
@@ -409,4 +421,19 @@ void tcpi_layout(struct tcpi_layout *out)
     out->compared[1] = COUNTERS_END;
     out->compared[2] = STATE_FROM;
     out->compared[3] = STATE_END;
+}
+
+int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen, int by)
+{
+    struct image was, now;
+    uint8_t kind;
+    if (n < IDM_LEN || plen < IDM_LEN)
+        return -1;
+    if (!by)
+        return diff(cur, n, prev, plen, &kind) < 0 ? -1 : kind;
+    if (image_make(prev, plen, &was) < 0)
+        return -1;
+    if (by == 1 && image_same_layout(cur, n, &was, &kind))
+        return kind;
+    return image_make(cur, n, &now) < 0 ? -1 : image_compare(&now, &was);
 }

@@ -240,8 +240,12 @@ void tcpi_forget_all(struct tcpi_core *core);
 int64_t tcpi_snapshot(struct tcpi_core *core, uint64_t cookie, uint8_t *out, uint32_t cap);
 
 /* Upstream's Compare(current, previous) on two inet_diag payloads, as each poll
- * applies it: an enum tcpi_change, or -1 if either is malformed. */
-int tcpi_compare(const uint8_t *cur, uint32_t cur_len, const uint8_t *prev, uint32_t prev_len);
+ * applies it: an enum tcpi_change, or -1 if either is malformed.  by: 0 with the
+ * previous message (the table keeps messages), 1 with its image as polls take it (the
+ * table keeps images: without a walk when the layout is the same), 2 with images of
+ * both, always walked. */
+int tcpi_compare(const uint8_t *cur, uint32_t cur_len, const uint8_t *prev, uint32_t prev_len,
+                 int by);
 
 /* Writes one ArchivalRecord JSON line (UPSTREAM.md 4), byte for byte as upstream:
  * {"Timestamp":"<ts>","RawIDM":"<base64 of idm[0:72]>","Attributes":[...]}\n
@@ -426,6 +430,8 @@ struct image {
     uint64_t sent, received;   /* tcpi_bytes_sent and _received, if counters */
     struct inet_diag_sockid id;   /* the look-ups ask for it */
     uint8_t family, state, nslots, counters;
+    uint16_t info_at, info_len;   /* where the (last) tcp_info attribute is (0: none) ... */
+    uint32_t len;                 /* ... in a message of len bytes: see image_same_layout */
 };
 
 struct entry {
@@ -675,6 +681,8 @@ INTERNAL int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t 
                   uint8_t *kind);
 INTERNAL int image_make(const uint8_t *p, uint32_t n, struct image *img);
 INTERNAL uint8_t image_compare(const struct image *cur, const struct image *prev);
+INTERNAL int image_same_layout(const uint8_t *p, uint32_t n, const struct image *prev,
+                               uint8_t *kind);
 INTERNAL void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n,
                           const struct entry *prev);
 

@@ -135,12 +135,17 @@ def _family(addr) -> int:
     return socket.AF_INET if addr.version == 4 else socket.AF_INET6
 
 
-def compare(current: bytes, previous: bytes) -> int:
+COMPARE_BY = {"messages": 0, "images": 1, "walked images": 2}
+"""What compare() holds the current message against: the previous message (the table keeps
+messages), its image as polls take it, or images of both walked in full."""
+
+
+def compare(current: bytes, previous: bytes, by: str = "messages") -> int:
     """Upstream's Compare rules as the C core applies them (a ChangeType value).
 
     Raises ValueError if either payload is not a well-formed inet_diag message.
     """
-    kind = lib.tcpi_compare(current, len(current), previous, len(previous))
+    kind = lib.tcpi_compare(current, len(current), previous, len(previous), COMPARE_BY[by])
     if kind < 0:
         raise ValueError("malformed inet_diag message")
     return kind
