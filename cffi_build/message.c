@@ -282,7 +282,7 @@ int image_make(const uint8_t *p, uint32_t n, struct image *img)
         }
     }
     img->attrs = lanes_end(attrs);
-    img->shape = shape;
+    img->shape = (uint32_t)(shape ^ shape >> 32);
     img->present = present;
     memcpy(&img->id, p + IDM_AT(id), sizeof(img->id));
     img->family = idm_family(p);

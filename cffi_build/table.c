@@ -79,6 +79,7 @@ int entry_store(struct entry *e, const uint8_t *p, uint32_t n)
 }
 
 /* Keeps the image of the socket's message instead (see struct image). */
+_Static_assert(sizeof(struct image) == 104, "an image is one 112-byte malloc chunk (README, Memory)");
 int entry_store_image(struct entry *e, const struct image *img)
 {
     if (!entry_image(e)) {

@@ -414,24 +414,28 @@ enum fate {
 
 /* What the next poll's Compare needs of a LIVE connection's last message, kept instead
  * of the message while destroy notifications are heard (they bring each connection's
- * final message, so the table need not): about 100 bytes instead of about 480.  The
- * bytes Compare reads are kept as hashes of a chain of bijective steps (a change of one
- * 8-byte word always changes the hash; anything else collides with odds of 2^-64).
+ * final message, so the table need not): 104 bytes instead of about 480.  The bytes
+ * Compare reads are kept as hashes of chains of bijective steps (a change of one 8-byte
+ * word always changes the hash; anything else collides with odds of 2^-64): those of
+ * tcp_info, and all the bytes around the (last) tcp_info attribute as they lie, the
+ * other attributes' headers and padding included, so that the next message, if laid out
+ * the same, is compared without a walk of its attributes (image_same_layout).
  * Of upstream's change kinds, NewAttribute, LostAttribute, AttributeLength and Other
  * are told apart by presence first, then lengths, then bytes, not slot by slot: all
- * four mean "write", and none reaches an archive.  Attributes are hashed in the
- * kernel's order, each copy of a duplicate included (no kernel sends one; upstream
- * would read the last): at worst an extra record, never a missed one. */
+ * four mean "write", and none reaches an archive (shape, 32 bits, only labels a change
+ * that attrs already shows).  Every byte but tcp_info's is hashed, copies of a duplicate
+ * and types above MAX_SLOT included (no kernel sends them; upstream reads the last copy
+ * and drops the others): at worst an extra record, never a missed one. */
 struct image {
     uint64_t info;      /* the tcp_info bytes Compare reads, zero-padded */
-    uint64_t attrs;     /* every other attribute's value bytes, in the kernel's order */
-    uint64_t shape;     /* their types and lengths, in the same order */
+    uint64_t attrs;     /* every other byte after the inet_diag_msg, as it lies */
     uint64_t present;   /* bit t: slot t holds an attribute */
     uint64_t sent, received;   /* tcpi_bytes_sent and _received, if counters */
+    uint32_t shape;     /* the other attributes' types and lengths, in the kernel's order */
+    uint32_t len;       /* the message's length ... */
     struct inet_diag_sockid id;   /* the look-ups ask for it */
     uint8_t family, state, nslots, counters;
-    uint16_t info_at, info_len;   /* where the (last) tcp_info attribute is (0: none) ... */
-    uint32_t len;                 /* ... in a message of len bytes: see image_same_layout */
+    uint16_t info_at, info_len;   /* ... and where its tcp_info attribute is (0: none) */
 };
 
 struct entry {
