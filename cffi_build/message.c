@@ -165,7 +165,6 @@ int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t plen, uin
     return 0;
 }
 
-
 #define SENT_AT offsetof(struct tcp_info, tcpi_bytes_sent)
 #define RECEIVED_AT offsetof(struct tcp_info, tcpi_bytes_received)
 #define COUNTS_END (SENT_AT + 8 > RECEIVED_AT + 8 ? SENT_AT + 8 : RECEIVED_AT + 8)
@@ -240,6 +239,16 @@ static inline uint64_t hash_info(const uint8_t *v, uint32_t len)
     return lanes_end(l);
 }
 
+/* The hash of every byte after the inet_diag_msg but [from, to), the tcp_info attribute
+ * (from = to = n: none): the other attributes as they lie, headers and padding included. */
+static inline uint64_t hash_around(const uint8_t *p, uint32_t n, uint32_t from, uint32_t to)
+{
+    struct lanes l = {{1, 2, 3, 4}};
+    hash_block(&l, p + IDM_LEN, from - IDM_LEN);
+    hash_block(&l, p + to, n - to);
+    return lanes_end(l);
+}
+
 /* What Compare needs of a message (see struct image), in one walk of its attributes
  * in the kernel's order (the same for every message of a socket), then one hash of
  * the bytes around the (last) tcp_info attribute as they lie: the other attributes,
@@ -268,9 +277,6 @@ int image_make(const uint8_t *p, uint32_t n, struct image *img)
     }
     if (got < 0)
         return -1;
-    struct lanes attrs = {{1, 2, 3, 4}};
-    hash_block(&attrs, p + IDM_LEN, info_from - IDM_LEN);
-    hash_block(&attrs, p + info_to, n - info_to);
     img->info = img->sent = img->received = img->counters = 0;
     if (present >> INET_DIAG_INFO & 1) {
         const uint8_t *info = p + info_from + 4;
@@ -281,7 +287,7 @@ int image_make(const uint8_t *p, uint32_t n, struct image *img)
             memcpy(&img->received, info + RECEIVED_AT, 8);
         }
     }
-    img->attrs = lanes_end(attrs);
+    img->attrs = hash_around(p, n, info_from, info_to);
     img->shape = (uint32_t)(shape ^ shape >> 32);
     img->present = present;
     memcpy(&img->id, p + IDM_AT(id), sizeof(img->id));
@@ -297,44 +303,38 @@ int image_make(const uint8_t *p, uint32_t n, struct image *img)
     return 0;
 }
 
-/* The hashes of a message whose layout is its last one's, laid out as `prev` says: the
- * bytes before and after the tcp_info attribute, and its own.  Equal bytes around it
- * (attribute headers included) and the same tcp_info header there mean that a walk would
- * find what it found last time, so none is needed. */
-static inline void hash_laid_out(const uint8_t *p, uint32_t n, const struct image *prev,
-                                 uint64_t *attrs, uint64_t *info)
-{
-    uint32_t from = prev->info_at, to = from + ((prev->info_len + 7u) & ~3u);
-    struct lanes around = {{1, 2, 3, 4}};
-    if (to > n)
-        to = n;
-    hash_block(&around, p + IDM_LEN, from - IDM_LEN);
-    hash_block(&around, p + to, n - to);
-    *attrs = lanes_end(around);
-    *info = hash_info(p + from + 4, prev->info_len);
-}
-
-/* image_compare(image of p, prev) without the image, when p is laid out as prev's message
- * was (the same length, tcp_info where it was with the same length, and the same bytes
- * around it): an idle socket's case, taken without a walk of its attributes.  Returns 0
- * when that is not so (take image_make), else 1 with *kind. */
-int image_same_layout(const uint8_t *p, uint32_t n, const struct image *prev, uint8_t *kind)
+/* image_make and image_compare in one, without a walk of p's attributes, when p is laid
+ * out as prev's message was: the same length and state, tcp_info where it was with the
+ * same length, and the same bytes around it (attribute headers included), so that a walk
+ * would find what it found last time.  Most polls of an idle socket take this.  Returns 0
+ * when that is not so (take image_make), else 1 with *kind; on a change, *img is then p's
+ * image: prev's, with p's tcp_info hash, counters and id. */
+int image_same_layout(const uint8_t *p, uint32_t n, const struct image *prev, struct image *img,
+                      uint8_t *kind)
 {
     uint16_t header[2];
-    uint64_t attrs, info;
-    if (n != prev->len || !prev->info_at)
+    uint32_t from = prev->info_at, to = from + ((prev->info_len + 7u) & ~3u);
+    if (n != prev->len || !from || idm_state(p) != prev->state)
         return 0;
-    if (idm_state(p) != prev->state) {
-        *kind = TCPI_STATE_CHANGE;
-        return 1;
-    }
-    memcpy(header, p + prev->info_at, 4);
+    memcpy(header, p + from, 4);
     if (header[0] != prev->info_len + 4u || header[1] != INET_DIAG_INFO)
         return 0;
-    hash_laid_out(p, n, prev, &attrs, &info);
-    if (attrs != prev->attrs)
+    if (hash_around(p, n, from, to < n ? to : n) != prev->attrs)
         return 0;
-    *kind = info != prev->info ? TCPI_STATE_OR_COUNTER : TCPI_NO_CHANGE;
+    const uint8_t *info = p + from + 4;
+    uint64_t hash = hash_info(info, prev->info_len);
+    if (hash == prev->info) {
+        *kind = TCPI_NO_CHANGE;
+        return 1;
+    }
+    *kind = TCPI_STATE_OR_COUNTER;
+    *img = *prev;
+    img->info = hash;
+    if (img->counters) {
+        memcpy(&img->sent, info + SENT_AT, 8);
+        memcpy(&img->received, info + RECEIVED_AT, 8);
+    }
+    memcpy(&img->id, p + IDM_AT(id), sizeof(img->id));
     return 1;
 }
 
@@ -433,7 +433,7 @@ int tcpi_compare(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t p
         return diff(cur, n, prev, plen, &kind) < 0 ? -1 : kind;
     if (image_make(prev, plen, &was) < 0)
         return -1;
-    if (by == 1 && image_same_layout(cur, n, &was, &kind))
+    if (by == 1 && image_same_layout(cur, n, &was, &now, &kind))
         return kind;
     return image_make(cur, n, &now) < 0 ? -1 : image_compare(&now, &was);
 }

@@ -53,8 +53,8 @@ int on_socket(struct tcpi_core *c, const uint8_t *p, uint32_t n, struct tcpi_fam
     }
     if (e->used && e->fate == LIVE) {
         const struct image *prev = entry_image(e);
-        if (prev && image_same_layout(p, n, prev, &kind)) {
-            /* most polls of an idle socket: told without a walk (an image is made on a change) */
+        if (prev && image_same_layout(p, n, prev, &img, &kind)) {
+            have_img = 1;   /* most polls of an idle socket: told without a walk */
         } else if (prev ? image_make(p, n, &img) < 0 : diff(p, n, e->data, e->len, &kind) < 0) {
             st->bad++;
             e->epoch = c->epoch;  /* a malformed message still proves the socket exists */

@@ -686,7 +686,7 @@ INTERNAL int diff(const uint8_t *cur, uint32_t n, const uint8_t *prev, uint32_t 
 INTERNAL int image_make(const uint8_t *p, uint32_t n, struct image *img);
 INTERNAL uint8_t image_compare(const struct image *cur, const struct image *prev);
 INTERNAL int image_same_layout(const uint8_t *p, uint32_t n, const struct image *prev,
-                               uint8_t *kind);
+                               struct image *img, uint8_t *kind);
 INTERNAL void count_bytes(struct tcpi_core *c, const uint8_t *cur, uint32_t n,
                           const struct entry *prev);
 
