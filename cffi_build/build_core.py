@@ -12,7 +12,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "tcpinfo_core.h"
 SOURCES = ("table.c", "message.c", "filter.c", "netlink.c", "remnants.c", "poll.c", "lookup.c",
-           "threads.c", "destroy.c", "encode.c", "csv.c")
+           "threads.c", "destroy.c", "encode.c", "lines.c", "csv.c", "columns.c")
 
 
 def _cdef_text() -> str:

@@ -21,146 +21,10 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#define MAX_ATTRS 64     /* longer Attributes arrays are declined (upstream writes 39 at most) */
 #define MAX_STRUCT 512   /* bytes a STRUCT group may read (Python keeps formats shorter) */
 #define MAX_CONG 64      /* longer CONG values are declined */
-#define TIME_MAX 35      /* "2006-01-02T15:04:05.999999999-07:00" */
 #define IDM_MAX 256      /* the 15 IDM columns; two IPv6 addresses dominate */
 #define INT_MAX_CHARS 21 /* "-9223372036854775808" plus a comma */
-
-/* Standard base64 alphabet; -1 for everything else, '=' included. */
-static const int8_t B64[256] = {
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 62, -1, -1, -1, 63,
-    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, -1, -1, -1, -1, -1, -1,
-    -1,  0,  1,  2,  3,  4,  5,  6,  7,  8,  9, 10, 11, 12, 13, 14,
-    15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, -1, -1, -1, -1, -1,
-    -1, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40,
-    41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-};
-
-/* A JSON string value of the line, between its quotes (NULL text: null). */
-struct span {
-    const uint8_t *text;
-    uint32_t len;
-};
-
-/* ---- reading the line --------------------------------------------------- */
-
-/* Consumes the literal lit at *p if it is there. */
-static int eat(const uint8_t **p, const uint8_t *end, const char *lit)
-{
-    size_t n = strlen(lit);
-    if ((size_t)(end - *p) < n || memcmp(*p, lit, n) != 0)
-        return 0;
-    *p += n;
-    return 1;
-}
-
-/* Consumes a string's contents and its closing quote.  An escape ends up in the
- * contents, where the strict checks of time and base64 decline it. */
-static int string_to_quote(const uint8_t **p, const uint8_t *end, struct span *s)
-{
-    const uint8_t *q = memchr(*p, '"', (size_t)(end - *p));
-    if (q == NULL || q - *p > UINT32_MAX)
-        return 0;
-    s->text = *p;
-    s->len = (uint32_t)(q - *p);
-    *p = q + 1;
-    return 1;
-}
-
-/* Length that base64 text decodes to: a multiple of 4 characters with at most
- * two '=' at the end (what binascii's strict mode surely accepts); -1 if not. */
-static int64_t b64_size(const struct span *s)
-{
-    uint32_t pad = 0;
-    if (s->len % 4)
-        return -1;
-    if (s->len && s->text[s->len - 1] == '=')
-        pad = s->text[s->len - 2] == '=' ? 2 : 1;
-    return (int64_t)s->len / 4 * 3 - pad;
-}
-
-/* Decodes base64 text of that shape, storing the first cap bytes in out (the
- * rest is only checked).  Returns 0, or -1 for a character outside the alphabet. */
-static int b64_decode(const struct span *s, uint8_t *out, uint32_t cap)
-{
-    uint32_t n = 0;
-    for (uint32_t i = 0; i < s->len; i += 4) {
-        const uint8_t *q = s->text + i;
-        int last = i + 4 == s->len;
-        int pad = last ? (q[3] == '=') + (q[2] == '=') : 0;
-        int a = B64[q[0]], b = B64[q[1]];
-        int c = pad == 2 ? 0 : B64[q[2]];
-        int d = pad >= 1 ? 0 : B64[q[3]];
-        if ((a | b | c | d) < 0)
-            return -1;
-        uint32_t v = (uint32_t)a << 18 | (uint32_t)b << 12 | (uint32_t)c << 6 | (uint32_t)d;
-        uint8_t bytes[3] = {(uint8_t)(v >> 16), (uint8_t)(v >> 8), (uint8_t)v};
-        for (int k = 0; k < 3 - pad; k++, n++)
-            if (n < cap)
-                out[n] = bytes[k];
-    }
-    return 0;
-}
-
-static int digits(const uint8_t *s, int n, int *value)
-{
-    *value = 0;
-    for (int i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return 0;
-        *value = *value * 10 + (s[i] - '0');
-    }
-    return 1;
-}
-
-static int days_in_month(int year, int month)
-{
-    static const uint8_t days[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    int leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    return days[month - 1] + (month == 2 && leap);
-}
-
-/* Whether Go prints this Timestamp back unchanged: a real date and time after
- * Go's zero time, a fraction of 1-9 digits not ending in 0, and Z or a
- * non-zero offset of at most 23:59.  (Python's _CANONICAL_SUFFIX rule.) */
-static int canonical_time(const struct span *ts)
-{
-    const uint8_t *s = ts->text;
-    uint32_t n = ts->len, i = 19;
-    int y, mo, d, h, mi, sec, oh, om;
-    if (n < 20 || s[4] != '-' || s[7] != '-' || s[10] != 'T' || s[13] != ':' || s[16] != ':')
-        return 0;
-    if (!digits(s, 4, &y) || !digits(s + 5, 2, &mo) || !digits(s + 8, 2, &d) ||
-        !digits(s + 11, 2, &h) || !digits(s + 14, 2, &mi) || !digits(s + 17, 2, &sec))
-        return 0;
-    if (y < 1 || mo < 1 || mo > 12 || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 ||
-        sec > 59 || (y == 1 && mo == 1 && d == 1 && h == 0 && mi == 0 && sec == 0))
-        return 0;
-    if (s[i] == '.') {
-        uint32_t start = ++i;
-        while (i < n && s[i] >= '0' && s[i] <= '9')
-            i++;
-        if (i == start || i - start > 9 || s[i - 1] == '0')
-            return 0;
-    }
-    if (i + 1 == n && s[i] == 'Z')
-        return 1;
-    return i + 6 == n && (s[i] == '+' || s[i] == '-') && s[i + 3] == ':' &&
-           digits(s + i + 1, 2, &oh) && digits(s + i + 4, 2, &om) && oh <= 23 && om <= 59 &&
-           (oh || om);
-}
 
 /* ---- writing the row ---------------------------------------------------- */
 
@@ -386,49 +250,6 @@ static char *put_group(char *p, const struct tcpi_csv_group *g, const struct spa
     }
 }
 
-/* ---- one line, many lines ------------------------------------------------- */
-
-struct line {
-    struct span ts, idm;
-    struct span attrs[MAX_ATTRS];
-    int64_t size[MAX_ATTRS];  /* decoded length of each present attribute */
-    uint32_t n_attrs;
-};
-
-/* One element of the Attributes array: null, or a string of well-formed base64 length. */
-static int parse_attribute(const uint8_t **p, const uint8_t *end, struct span *a, int64_t *size)
-{
-    if (eat(p, end, "null")) {
-        a->text = NULL;
-        return 1;
-    }
-    return eat(p, end, "\"") && string_to_quote(p, end, a) && (*size = b64_size(a)) >= 0;
-}
-
-/* Splits the canonical line shape into its strings; 0 if it is not that shape. */
-static int parse_line(const uint8_t *p, const uint8_t *end, struct line *l)
-{
-    l->n_attrs = 0;
-    if (!eat(&p, end, "{\"Timestamp\":\"") || !string_to_quote(&p, end, &l->ts) ||
-        !eat(&p, end, ",\"RawIDM\":\"") || !string_to_quote(&p, end, &l->idm))
-        return 0;
-    if (eat(&p, end, ",\"Attributes\":[")) {
-        if (!eat(&p, end, "]")) {
-            do {
-                if (l->n_attrs == MAX_ATTRS ||
-                    !parse_attribute(&p, end, &l->attrs[l->n_attrs], &l->size[l->n_attrs]))
-                    return 0;
-                l->n_attrs++;
-            } while (eat(&p, end, ","));
-            if (!eat(&p, end, "]"))
-                return 0;
-        }
-    } else {
-        eat(&p, end, ",\"Attributes\":null");
-    }
-    return eat(&p, end, "}") && p == end;
-}
-
 /* One row, ending in '\n'; returns its length or -1 to decline the line. */
 static int64_t convert_line(const struct tcpi_csv_schema *schema, const int8_t *group_of,
                             const uint8_t *in, uint64_t len, char *out)
@@ -441,7 +262,7 @@ static int64_t convert_line(const struct tcpi_csv_schema *schema, const int8_t *
         return -1;
     if (l.ts.len == strlen(schema->zero_time) && memcmp(l.ts.text, schema->zero_time, l.ts.len) == 0)
         p = put_text(p, schema->zero_time_as);
-    else if (canonical_time(&l.ts))
+    else if (canonical_time(&l.ts, NULL))
         p = (char *)memcpy(p, l.ts.text, l.ts.len) + l.ts.len;  /* printed as written */
     else
         return -1;

@@ -17,7 +17,9 @@
  *   threads.c   dump threads and the ring that feeds the poll thread
  *   destroy.c   destroy notifications: reader thread and queue
  *   encode.c    archive lines from messages (the archive writer's, not the poller's)
+ *   lines.c     archive lines in Go's shape: strings, base64, time
  *   csv.c       csvtool's row loop (upstream's schema)
+ *   columns.c   the export's row loop (column buffers)
  * Python owns every policy; this is the per-socket loop.
  */
 #ifndef TCPINFO_CORE_H
@@ -336,6 +338,27 @@ struct tcpi_csv_progress {
  * until the input ends, out is full or a line is declined. */
 void tcpi_csv_rows(const struct tcpi_csv_schema *schema, const char *in, uint64_t in_len,
                    uint64_t pos, char *out, uint64_t cap, struct tcpi_csv_progress *progress);
+
+/* ---- export: columns of the snapshots shape (columns.c) --------------------
+ * The export's per-row loop: lines in the shape csvtool's loop takes, into
+ * column buffers that Python allocates (numpy arrays, zeroed) and turns into
+ * Arrow columns.  Python owns the schema: which attribute types are kept and
+ * how many bytes of each.  A block is taken whole or not at all. */
+struct tcpi_columns {
+    const char *zero_time;  /* a Timestamp equal to this is null */
+    int64_t *time_ns;       /* per row: the Timestamp in ns since 1970, UTC ... */
+    uint8_t *time_null;     /* ... or 1: the zero time */
+    uint8_t *idm;           /* per row, idm_len bytes: the RawIDM's first */
+    uint32_t idm_len;
+    uint32_t n_types;       /* attribute types 0 .. n_types - 1 are kept */
+    uint8_t **values;       /* per type: rows x widths[t] bytes, a value's first (or NULL) */
+    const uint32_t *widths;
+    int32_t *lengths;       /* rows x n_types: each value's decoded length, -1 absent */
+};
+
+/* Fills cols from in[0:in_len]: 1 if that is `rows` lines, each ending in '\n'
+ * and each taken; else 0, and nothing it wrote is to be used. */
+int tcpi_columns_fill(const char *in, uint64_t in_len, uint32_t rows, const struct tcpi_columns *cols);
 
 /* CDEF-END */
 
@@ -737,6 +760,34 @@ INTERNAL void tier_free(struct tcpi_core *c);
 /* destroy.c: destroy notifications */
 INTERNAL void drain_destroyed(struct tcpi_core *c);
 INTERNAL void destroy_stop(struct tcpi_core *c);
+
+/* lines.c: archive lines in the shape Go's encoder writes */
+#define MAX_ATTRS 64     /* longer Attributes arrays are declined (upstream writes 39 at most) */
+#define TIME_MAX 35      /* "2006-01-02T15:04:05.999999999-07:00" */
+
+/* A JSON string value of the line, between its quotes (NULL text: null). */
+struct span {
+    const uint8_t *text;
+    uint32_t len;
+};
+
+struct line {
+    struct span ts, idm;
+    struct span attrs[MAX_ATTRS];
+    int64_t size[MAX_ATTRS];  /* decoded length of each present attribute */
+    uint32_t n_attrs;
+};
+
+struct instant {
+    int64_t seconds;   /* UTC, since 1970 */
+    int32_t nanos;
+};
+
+/* Splits the canonical line shape into its strings; 0 if it is not that shape. */
+INTERNAL int parse_line(const uint8_t *p, const uint8_t *end, struct line *l);
+INTERNAL int64_t b64_size(const struct span *s);
+INTERNAL int b64_decode(const struct span *s, uint8_t *out, uint32_t cap);
+INTERNAL int canonical_time(const struct span *ts, struct instant *at);
 
 #endif /* TCPINFO_CORE_INTERNAL */
 

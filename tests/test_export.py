@@ -254,6 +254,27 @@ def test_one_hundred_thousand_record_export_runs_in_bounded_memory(tmp_path: Pat
     assert big_kib < small_kib + 128 * 1024, (small_kib, big_kib)
 
 
+def test_row_groups_hold_32768_rows_with_statistics_only_on_the_columns_queries_select_by(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """Batches wait for a full row group (fewer, larger column chunks write faster), and min/max
+    statistics are kept for time, connection and endpoints, not for the tcp_info counters."""
+    import pyarrow.parquet as pq
+
+    from tcpinfo.analysis.export import ROW_GROUP_ROWS
+
+    monkeypatch.setenv("TCPINFO_TESTDATA", str(TESTDATA))
+    archive = tmp_path / "a.jsonl.zst"
+    write_archive(archive, 2 * ROW_GROUP_ROWS + 5_000)
+    assert run("export", "-o", str(tmp_path / "ds"), str(archive)).returncode == 0
+    files = sorted((tmp_path / "ds").rglob("*.parquet"))
+    groups = [pq.ParquetFile(f).metadata.row_group(i) for f in files for i in range(pq.ParquetFile(f).num_row_groups)]
+    assert sorted(g.num_rows for g in groups) == [5_000, ROW_GROUP_ROWS, ROW_GROUP_ROWS]
+    first = groups[0]
+    stats = {first.column(i).path_in_schema: first.column(i).is_stats_set for i in range(first.num_columns)}
+    assert stats["timestamp"] and stats["uuid"] and stats["idm_dport"]
+    assert not stats["tcp_rtt"] and not stats["tcp_bytes_acked"]
+
+
 def test_mlab_snapshot_struct_is_the_declared_schema() -> None:
     from tcpinfo.analysis import mlab
 
@@ -283,44 +304,97 @@ def _data_lines(archive: Path) -> list[tuple[int, bytes]]:
     return [(n, line) for n, line in read_archive(str(archive)) if b'"RawIDM"' in line]
 
 
-def _decode(lines: list[tuple[int, bytes]]):
-    """The block decoder's batch of these lines, or None if it leaves them to the reference."""
+DECODERS = ("columns.c", "numpy")
+"""The two block decoders: C's one pass (Go's shape, canonical times) and numpy's (any time Arrow
+reads), which takes what C declines; the reference (modern_fields) takes what both decline."""
+
+
+def _decode(lines: list[tuple[int, bytes]], decoder: str = "columns.c"):
+    """A block decoder's batch of these lines, or None if it leaves them to the next path."""
     import numpy as np
 
     from tcpinfo.analysis import snapshots
 
-    block = b"".join(line + b"\n" for _, line in lines) + bytes(snapshots._SLACK)
-    return snapshots._decode_block(block, len(lines), snapshots._Archive("x"), np.array([n for n, _ in lines]))
+    block = b"".join(line + b"\n" for _, line in lines)
+    args = (len(lines), snapshots._Archive("x"), np.array([n for n, _ in lines]))
+    if decoder == "columns.c":
+        return snapshots._decode_block_in_c(block, *args)
+    return snapshots._decode_block(block + bytes(snapshots._SLACK), *args)
 
 
-@pytest.mark.parametrize("archive", ARCHIVES, ids=lambda p: p.name)
-def test_the_block_decoder_takes_go_shaped_lines_and_gives_the_references_rows(archive: Path) -> None:
-    """The fast path is taken on every real archive's lines (else the comparison with csvtool
-    above would only test the reference) and gives exactly the reference's rows."""
+def _assert_reference_rows(batch, lines: list[tuple[int, bytes]]) -> None:
     from tcpinfo.analysis import snapshots
     from tcpinfo.csvtool.modern import modern_fields
 
-    lines = _data_lines(archive)
-    fast = _decode(lines)
-    assert fast is not None
     rows = [snapshots._reference_row(modern_fields(line)[0]) for _, line in lines]
     reference = snapshots._reference_batch(rows, [n for n, _ in lines], snapshots._Archive("x"))
-    for name in fast.schema.names:
-        assert fast.column(name).equals(reference.column(name)), name
+    for name in batch.schema.names:
+        assert batch.column(name).equals(reference.column(name)), name
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("archive", ARCHIVES, ids=lambda p: p.name)
+def test_the_block_decoders_take_go_shaped_lines_and_give_the_references_rows(archive: Path, decoder: str) -> None:
+    """Both fast paths take every real archive's lines (else the comparison with csvtool above
+    would only test one of them) and give exactly the reference's rows."""
+    lines = _data_lines(archive)
+    fast = _decode(lines, decoder)
+    assert fast is not None
+    _assert_reference_rows(fast, lines)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("change", [
     (b'"Attributes":[', b'"Attributes": ['), (b',"RawIDM":', b', "RawIDM":'),   # spaces
     (b'[null,', b'[nullx,'), (b'[null,', b'[nul,'), (b'[null,', b'[,'), (b'[null,', b'[null,,'),
     (b'[null,"', b'[null"'), (b'[null,"', b'[1234,"'), (b'"]}', b'"]} '), (b'"Timestamp":"', b'"Timestamp":"\\u0032'),
     (b'{"Timestamp"', b'{"Timestamp":"2019-07-01T00:00:12.092Z","Extra"'),
+    (b'","Attributes":[null,"', b'","Attributes":[null,"*'),   # not base64
 ])
-def test_the_block_decoder_leaves_every_other_line_shape_to_the_reference(change: tuple[bytes, bytes]) -> None:
+def test_the_block_decoders_leave_every_other_line_shape_to_the_reference(change: tuple[bytes, bytes],
+                                                                          decoder: str) -> None:
     lines = _data_lines(NDT)[:50]
     n, line = lines[10]
     assert change[0] in line
     lines[10] = (n, line.replace(change[0], change[1], 1))
-    assert _decode(lines[:10]) is not None and _decode(lines) is None
+    assert _decode(lines[:10], decoder) is not None and _decode(lines, decoder) is None
+
+
+def _with_time(lines: list[tuple[int, bytes]], stamps: list[str]) -> list[tuple[int, bytes]]:
+    """The lines with these Timestamps (one each)."""
+    return [(n, b'{"Timestamp":"' + stamp.encode() + b'","RawIDM"' + line.split(b'","RawIDM"', 1)[1])
+            for (n, line), stamp in zip(lines, stamps)]
+
+
+CANONICAL_TIMES = ["2019-07-01T00:00:12.092Z", "2019-07-01T05:30:12.5+05:30", "2000-02-29T12:00:00-08:00",
+                   "1969-12-31T23:59:59.999999999Z", "1700-01-01T00:00:00Z", "0001-01-01T00:00:00Z",
+                   "2262-04-11T23:47:16.854775807Z", "2024-12-31T23:59:59.000000001-00:30"]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_the_block_decoders_read_go_timestamps_of_any_offset_and_era_as_the_reference(decoder: str) -> None:
+    """Offsets, fractions of 1-9 digits, times before 1970, the last nanosecond Parquet holds,
+    and Go's zero time (null): the same instant as the reference's."""
+    lines = _with_time(_data_lines(NDT), CANONICAL_TIMES)
+    batch = _decode(lines, decoder)
+    assert batch is not None
+    _assert_reference_rows(batch, lines)
+    assert batch.column("timestamp").null_count == 1
+
+
+@pytest.mark.parametrize("stamp, numpy_takes_it", [
+    ("2019-07-01T00:00:12.090Z", True),         # a fraction Go would not print: numpy's
+    ("2019-07-01T00:00:12+00:00", True),        # the zero offset Go writes as Z: numpy's
+    ("2262-04-11T23:47:16.854775808Z", False),  # one ns past what Parquet holds: the reference's error
+    ("2019-02-29T00:00:00Z", False),            # no such day
+])
+def test_c_declines_a_timestamp_go_would_not_write_or_parquet_cannot_hold(stamp: str, numpy_takes_it: bool) -> None:
+    lines = _with_time(_data_lines(NDT)[:3], ["2019-07-01T00:00:12.092Z", stamp, "2019-07-01T00:00:13Z"])
+    assert _decode(lines, "columns.c") is None
+    batch = _decode(lines, "numpy")
+    assert (batch is not None) == numpy_takes_it
+    if batch is not None:
+        _assert_reference_rows(batch, lines)
 
 
 def test_a_skipped_bad_line_keeps_the_archives_uuid_on_every_row(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from tcpinfo.archive.reader import MAX_LINE_BYTES, STDIN, read_text
 from tcpinfo.archive.record import ZERO_TIME, parse_time
+from tcpinfo.core.binding import ffi, lib
 from tcpinfo.csvtool.convert import BadInput, long_line
 from tcpinfo.csvtool.modern import MODERN_HEADER, modern_fields
 from tcpinfo.kernel.inetdiag import (
@@ -326,14 +327,7 @@ def _decode_block(block: bytes, n: int, archive: _Archive, linenos: np.ndarray) 
     decoded = _decode_values(buf, opens[first + 3] + 1, idm_close - opens[first + 3] - 1)
     if decoded is None or (decoded[1] < IDM_LEN).any():
         return None
-    raw = np.ascontiguousarray(decoded[0][:, :IDM_LEN])
-    idm = raw.view(_IDM_DTYPE).reshape(n)
-    for name, (_, code, _) in _IDM_INTS.items():
-        if name != "interface_be":
-            cols[f"idm_{name}"] = pa.array(idm[name].astype(_NUMPY_INT[code]))  # native order
-    cols["idm_state_name"] = _STATE_NAMES.take(pa.array(idm["state"]))
-    for name, off in _IDM_ADDR.items():
-        cols[f"idm_{name}"] = _addresses(raw, off, raw[:, _IDM_INTS["family"][0]])
+    _idm_columns(cols, np.ascontiguousarray(decoded[0][:, :IDM_LEN]))
     # each attribute type's values, where present
     order = np.argsort(slots.astype(np.int16), kind="stable")  # a radix sort
     bounds = np.searchsorted(slots[order], np.arange(slots.max(initial=-1) + 2))
@@ -342,22 +336,84 @@ def _decode_block(block: bytes, n: int, archive: _Archive, linenos: np.ndarray) 
         if not len(sel):
             continue
         rows = value_line[sel]
-        decoded = _decode_values(buf, v_open[sel] + 1, v_close[sel] - v_open[sel] - 1)
-        if decoded is None:
+        decoded = _decode_values(buf, v_open[sel] + 1, v_close[sel] - v_open[sel] - 1)  # every type: checked
+        if decoded is None or (t in _KEPT and not _attribute_columns(cols, n, t, None if len(rows) == n else rows,
+                                                                     *decoded)):
             return None
-        present = None if len(rows) == n else rows
-        if t in (INET_DIAG_CONG, INET_DIAG_SOCKOPT):
-            texts = _texts(t, *decoded)
-            if texts is None:
-                return None
-            cols["cong" if t == INET_DIAG_CONG else _SCALARS[t][0]] = _scatter(n, present, texts)
-        elif t in _STRUCTS:
-            prefix, layout, dtype = _STRUCTS[t]
-            _struct_columns(cols, n, present, *decoded, prefix, layout, dtype)
-        elif t in _SCALARS:
-            name, _, dtype = _SCALARS[t]
-            _struct_columns(cols, n, present, *decoded, name, None, dtype)
     return _assemble(cols, n, archive, linenos)
+
+
+def _idm_columns(cols: dict[str, pa.Array], raw: np.ndarray) -> None:
+    """The IDM's columns from each row's first IDM_LEN bytes (a contiguous rows x IDM_LEN matrix)."""
+    idm = raw.view(_IDM_DTYPE).reshape(len(raw))
+    for name, (_, code, _) in _IDM_INTS.items():
+        if name != "interface_be":
+            cols[f"idm_{name}"] = pa.array(idm[name].astype(_NUMPY_INT[code]))  # native order
+    cols["idm_state_name"] = _STATE_NAMES.take(pa.array(idm["state"]))
+    for name, off in _IDM_ADDR.items():
+        cols[f"idm_{name}"] = _addresses(raw, off, raw[:, _IDM_INTS["family"][0]])
+
+
+def _attribute_columns(cols: dict[str, pa.Array], n: int, t: int, rows: np.ndarray | None,
+                       matrix: np.ndarray, lengths: np.ndarray) -> bool:
+    """The columns of attribute type ``t`` from its values' first bytes (``matrix``) and decoded
+    ``lengths``, at ``rows`` of the batch (None: every row, a length below 0 where absent).
+    False if a value is one the reference must report."""
+    if t in (INET_DIAG_CONG, INET_DIAG_SOCKOPT):
+        if rows is None and (lengths < 0).any():
+            rows = np.flatnonzero(lengths >= 0)
+            matrix, lengths = matrix[rows], lengths[rows]
+        texts = _texts(t, matrix, lengths)
+        if texts is None:
+            return False
+        cols["cong" if t == INET_DIAG_CONG else _SCALARS[t][0]] = _scatter(n, rows, texts)
+    elif t in _STRUCTS:
+        prefix, layout, dtype = _STRUCTS[t]
+        _struct_columns(cols, n, rows, matrix, lengths, prefix, layout, dtype)
+    else:
+        name, _, dtype = _SCALARS[t]
+        _struct_columns(cols, n, rows, matrix, lengths, name, None, dtype)
+    return True
+
+
+_CONG_BYTES = 64
+"""CONG bytes the C loop keeps: a longer name (none the kernel has) takes the numpy path."""
+_KEPT = {**{t: dtype.itemsize for t, (_, _, dtype) in _STRUCTS.items()},
+         **{t: dtype.itemsize for t, (_, _, dtype) in _SCALARS.items()}, INET_DIAG_CONG: _CONG_BYTES}
+"""Attribute types with columns, and how many bytes of each the columns read."""
+_N_TYPES = max(_KEPT) + 1
+
+
+def _decode_block_in_c(block: bytes, n: int, archive: _Archive, linenos: np.ndarray) -> pa.RecordBatch | None:
+    """The rows of ``n`` data lines, if every one has the shape csvtool's C loop takes (Go's,
+    a canonical timestamp): C (``cffi_build/columns.c``) fills the column buffers in one pass
+    over the text, and numpy views the kernel's structs in them.  None if C declines a line."""
+    times, null = np.zeros(n, np.int64), np.zeros(n, np.uint8)
+    idm = np.zeros((n, IDM_LEN), np.uint8)
+    lengths = np.empty((n, _N_TYPES), np.int32)
+    matrices = {t: np.zeros((n, width), np.uint8) for t, width in _KEPT.items()}
+    values = ffi.new("uint8_t *[]", _N_TYPES)
+    for t, matrix in matrices.items():
+        values[t] = ffi.from_buffer("uint8_t[]", matrix)
+    widths = ffi.new("uint32_t[]", [_KEPT.get(t, 0) for t in range(_N_TYPES)])
+    spec = ffi.new("struct tcpi_columns *", {
+        "zero_time": _ZERO_TIME, "time_ns": ffi.from_buffer("int64_t[]", times),
+        "time_null": ffi.from_buffer("uint8_t[]", null), "idm": ffi.from_buffer("uint8_t[]", idm),
+        "idm_len": IDM_LEN, "n_types": _N_TYPES, "values": values, "widths": widths,
+        "lengths": ffi.from_buffer("int32_t[]", lengths)})
+    if not lib.tcpi_columns_fill(block, len(block), n, spec) or (lengths[:, INET_DIAG_CONG] > _CONG_BYTES).any():
+        return None
+    mask = null.view(bool)
+    cols: dict[str, pa.Array] = {"timestamp": pa.array(times, pa.timestamp("ns", tz="UTC"),
+                                                       mask=mask if mask.any() else None)}
+    _idm_columns(cols, idm)
+    for t, matrix in matrices.items():
+        if (lengths[:, t] >= 0).any() and not _attribute_columns(cols, n, t, None, matrix, lengths[:, t]):
+            return None
+    return _assemble(cols, n, archive, linenos)
+
+
+_ZERO_TIME = ffi.new("char[]", ZERO_TIME.encode())
 
 
 _TEXT_MEMO: dict[tuple[int, bytes], str | None] = {}
@@ -368,11 +424,9 @@ def _texts(t: int, matrix: np.ndarray, lengths: np.ndarray) -> pa.Array | None:
     """CONG or SOCKOPT as text, each distinct value formatted once; None if a CONG is empty
     (the reference reports it).  A SOCKOPT too short to hold its value is absent."""
     keys = np.concatenate([lengths.astype("<i4")[:, None].view(np.uint8), matrix], axis=1)  # length, bytes
-    unique, inverse = np.unique(np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel(),
-                                return_inverse=True)
+    unique, index = _distinct(keys)
     texts: list[str | None] = []
-    for u in unique:
-        data = u.tobytes()
+    for data in unique:
         value = data[4:4 + int.from_bytes(data[:4], "little")]
         if (t, value) not in _TEXT_MEMO:
             if len(_TEXT_MEMO) > 4096:
@@ -387,7 +441,7 @@ def _texts(t: int, matrix: np.ndarray, lengths: np.ndarray) -> pa.Array | None:
         if text is None and t == INET_DIAG_CONG:
             return None
         texts.append(text)
-    return pa.array(texts, pa.string()).take(pa.array(inverse.ravel()))
+    return pa.array(texts, pa.string()).take(index)
 
 
 def _scatter(n: int, rows: np.ndarray | None, values: pa.Array) -> pa.Array:
@@ -458,10 +512,29 @@ _STATE_NAMES = pa.array([state_name(i) for i in range(256)], pa.string())
 
 def _addresses(raw: np.ndarray, offset: int, family: np.ndarray) -> pa.Array:
     """ip_string of each row's 16 address bytes, formatted once per distinct (family, address)."""
-    keys = np.ascontiguousarray(np.concatenate([family[:, None], raw[:, offset:offset + 16]], axis=1))
-    unique, inverse = np.unique(keys.view(np.dtype((np.void, 17))).ravel(), return_inverse=True)
-    texts = [ip_string(u.tobytes()[1:], u.tobytes()[0]) for u in unique]
-    return pa.array(texts, pa.string()).take(pa.array(inverse.ravel()))
+    unique, index = _distinct(np.concatenate([family[:, None], raw[:, offset:offset + 16]], axis=1))
+    return pa.array([ip_string(u[1:], u[0]) for u in unique], pa.string()).take(index)
+
+
+def _distinct(keys: np.ndarray) -> tuple[list[bytes], pa.Array]:
+    """The distinct rows of a byte matrix and each row's index among them: one comparison when
+    every row is the same (an archive is one connection: the usual case), else a sort of one
+    64-bit hash per row, its groups checked byte for byte (a collision takes a sort of the rows)."""
+    keys = np.ascontiguousarray(keys)
+    n, width = keys.shape
+    if not n or (keys == keys[0]).all():
+        return [keys[0].tobytes()] if n else [], pa.array(np.zeros(n, np.int64))
+    padded = np.zeros((n, -(-width // 8) * 8), np.uint8)
+    padded[:, :width] = keys
+    h = np.zeros(n, np.uint64)
+    for word in padded.view("<u8").T:
+        h = (h ^ word) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(29)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    if not (keys[first][inverse.ravel()] == keys).all():
+        _, first, inverse = np.unique(keys.view(np.dtype((np.void, width))).ravel(), return_index=True,
+                                      return_inverse=True)
+    return [keys[i].tobytes() for i in first], pa.array(inverse.ravel())
 
 
 def _struct_columns(cols: dict, n: int, rows: np.ndarray | None, matrix: np.ndarray, lengths: np.ndarray,
@@ -470,22 +543,29 @@ def _struct_columns(cols: dict, n: int, rows: np.ndarray | None, matrix: np.ndar
     each member is null where the value is absent or too short to hold it (``Layout.decode``'s
     rule; a scalar is one member named ``v``, its column named ``prefix``)."""
     size = dtype.itemsize
-    padded = np.zeros((len(matrix), size), np.uint8)
-    width = min(size, matrix.shape[1])
-    padded[:, :width] = matrix[:, :width]
+    if matrix.shape[1] == size and matrix.flags.c_contiguous:
+        padded = matrix
+    else:
+        padded = np.zeros((len(matrix), size), np.uint8)
+        width = min(size, matrix.shape[1])
+        padded[:, :width] = matrix[:, :width]
     decoded = padded.view(dtype).reshape(len(matrix))
     idx = None if rows is None else np.asarray(rows)
     fields = layout.fields if layout is not None else ()
     members = [(f.name, f.offset + struct.calcsize(f.fmt)) for f in fields] or [("v", size)]
+    whole = idx is None and lengths.min(initial=size) >= size   # the usual case: no member is null
     for name, end in members:
         values = decoded[name]
-        absent = lengths < end
+        absent = None if whole else lengths < end
         parts = layout.bitfields.get(name) if layout is not None else None
         outputs = ([(f"{prefix}_{sub}", ((values >> shift) & ((1 << width) - 1)).astype(np.uint8))
                     for sub, shift, width in parts] if parts else
                    [(f"{prefix}_{name}" if layout is not None else prefix,
                      values.astype(values.dtype.newbyteorder("=")))])
         for col, vals in outputs:
+            if absent is None:
+                cols[col] = pa.array(vals)
+                continue
             if idx is None:
                 full, mask = vals, absent
             else:
@@ -584,7 +664,10 @@ def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool =
         by one (``one_by_one``) or through the reference."""
         if not block.rows:
             return
-        batch = _decode_block(b"".join([*block.texts, bytes(_SLACK)]), block.rows, archive, block.linenos())
+        text = b"".join(block.texts)
+        batch = _decode_block_in_c(text, block.rows, archive, block.linenos())
+        if batch is None:
+            batch = _decode_block(text + bytes(_SLACK), block.rows, archive, block.linenos())
         if batch is None and one_by_one:
             yield from by_line(block.lines())
             return
