@@ -8,12 +8,15 @@ the archive's UUID, host and Metadata and where each row came from.
 ``archive_batches`` is a pure function of one archive (a path or ``-``): a distributed engine
 runs it per file (``analysis.spark`` does, through ``export.write_group``) and gets exactly what
 ``tcpinfo export`` writes.  Speed comes from never touching a line in Python: the reader's text
-blocks are joined as they are, and ``_decode_block`` parses a batch of lines in the exact shape
-Go's encoder writes with whole-buffer array operations (positions of quotes, commas and
-newlines; the fixed text checked at its places), decodes each attribute type's base64 in one C
-call and views the kernel structs with numpy dtypes.  A line in another JSON spelling is
-re-written in Go's shape (orjson) and decoded with its neighbours; anything else takes the
-reference path (``modern_fields``), which is also where bad input gets csvtool's one-line errors.
+blocks are joined as they are, and C (``cffi_build/columns.c``, ``_decode_block_in_c``) fills the
+column buffers of a batch of lines in one pass: timestamps as nanoseconds, the IDM's bytes, each
+attribute type's value bytes and length, which numpy views with the kernel structs' dtypes.  C
+takes the lines csvtool's loop takes (Go's shape, canonical timestamps); a batch with any other
+line goes to ``_decode_block``, which parses the same shape with whole-buffer array operations
+(positions of quotes, commas and newlines) and reads any timestamp Arrow does.  A line in another
+JSON spelling is re-written in Go's shape (orjson) and decoded with its neighbours; anything else
+takes the reference path (``modern_fields``), which is also where bad input gets csvtool's
+one-line errors.
 """
 from __future__ import annotations
 
