@@ -1,12 +1,14 @@
 """--engine spark on a local Spark (pyspark + a JRE): the export writes exactly what the
 single-host export writes (every column of every row, the schema, the partitions), bad input
 gets the same one-line error, and the summary computed as a Spark DataFrame is tcpinfo
-summary's; the dataset may be an s3:// URL (moto's S3 server), for both engines."""
+summary's; the dataset may be an s3:// URL (moto's S3 server), for both engines; and the
+README's spark-submit line runs on a standalone cluster (a master and a worker, separate JVMs)."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -17,6 +19,7 @@ from helpers.dataset import sorted_rows
 from helpers.extra import assert_missing_module_is_one_line
 from helpers.paths import FINWAIT, NDT, TESTDATA, script
 from helpers.s3 import moto_server
+from helpers.sparkcluster import spark_home, standalone_cluster
 
 TCPINFO = script("tcpinfo")
 
@@ -142,6 +145,33 @@ def test_the_cli_exports_to_s3_with_either_engine_and_summarizes_with_spark(tmp_
     on_spark = run_plain("summary", "--engine", "spark", "--master", "local[2]", "--format", "json", *paths)
     assert on_spark.stdout == on_host.stdout and len(on_host.stdout.splitlines()) > 140
     assert all(orjson.loads(line)["why_slow"] for line in on_spark.stdout.splitlines())
+
+
+def test_the_readmes_spark_submit_line_exports_on_a_standalone_cluster_what_one_host_writes(tmp_path: Path,
+                                                                                            fleet) -> None:
+    """A cluster as on real machines: a master and a worker, each its own JVM, the tasks in an
+    executor the worker starts.  spark-submit of tcpinfo's CLI module (the README's line, less the
+    packed venv: the executors here have this Python) writes the single-host export's dataset,
+    and `summary --engine spark --master spark://...` prints `summary`'s lines."""
+    _java()
+    from tcpinfo.analysis import cli
+
+    paths = [str(fleet / "mlab"), str(fleet / "collector")]
+    run_plain("export", "-o", str(tmp_path / "host"), *paths)
+    with standalone_cluster(tmp_path / "cluster") as cluster:
+        env = {**cluster.env, "PYSPARK_DRIVER_PYTHON": sys.executable}
+        submitted = subprocess.run([str(spark_home() / "bin" / "spark-submit"), "--master", cluster.url,
+                                    cli.__file__, "export", "--engine", "spark", "-o", str(tmp_path / "spark"),
+                                    *paths], capture_output=True, env=env, timeout=600)
+        assert submitted.returncode == 0, submitted.stderr.decode()[-4000:]
+        summary = subprocess.run([TCPINFO, "summary", "--engine", "spark", "--master", cluster.url, "--format",
+                                  "json", str(tmp_path / "spark")], capture_output=True, env=env, timeout=600)
+        assert summary.returncode == 0, summary.stderr.decode()[-4000:]
+        apps = sorted(cluster.work_dir.glob("app-*"))
+    assert len(apps) == 2 and all(any(app.glob("*/stderr")) for app in apps)  # both ran in the worker's executors
+    want, got = sorted_rows(tmp_path / "host"), sorted_rows(tmp_path / "spark")
+    assert want.num_rows > 1_000 and got.equals(want)
+    assert summary.stdout == run_plain("summary", "--format", "json", str(tmp_path / "host")).stdout
 
 
 def run_plain(*args: str) -> subprocess.CompletedProcess:
