@@ -47,7 +47,7 @@ def skippable(data: bytes, nibble: int = 0) -> bytes:
 def lines_of(stream: BinaryIO, max_line_bytes: int = archive.MAX_LINE_BYTES) -> list:
     """(line number, line or None) per line, from ``iter_text``'s blocks."""
     out: list = []
-    for first, text in iter_text(stream, "test", max_line_bytes):
+    for first, text, _ in iter_text(stream, "test", max_line_bytes):
         if text is None:
             out.append((first, None))
         else:
@@ -117,7 +117,7 @@ def test_every_cut_of_a_multi_frame_file_is_reported_unless_it_falls_between_fra
     for cut in range(4, len(data)):  # 1-3 bytes cannot be told from plain text
         got: list = []
         try:
-            for first, text in iter_text(io.BytesIO(data[:cut]), "cut.zst"):
+            for first, text, _ in iter_text(io.BytesIO(data[:cut]), "cut.zst"):
                 got.extend(enumerate(text.split(b"\n")[:-1], first))
         except ArchiveError as exc:
             assert cut not in ends, (cut, exc)

@@ -141,7 +141,7 @@ def archive_row(path: str, counts: Counts | None = None, *, parse_time_ns: int, 
     out = io.BytesIO()
     metadata: dict = {}
     rows = 0
-    for lineno, text in read_text(path, max_line_bytes):
+    for lineno, text, _ in read_text(path, max_line_bytes):
         if text is None:
             if not skip_bad:
                 raise long_line(name, lineno, max_line_bytes)

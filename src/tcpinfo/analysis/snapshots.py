@@ -699,7 +699,7 @@ def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool =
                 yield _reference_batch([row], [lineno], archive)
         yield from decode(block, one_by_one=False)
 
-    for first, text in read_text(path, max_line_bytes):
+    for first, text, count in read_text(path, max_line_bytes):
         if text is None:  # the reader has dropped it
             yield from decode(pending, one_by_one=True)
             pending = _Pending()
@@ -710,8 +710,7 @@ def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool =
         cut = text.index(b"\n") + 1
         if first == 1 and text.find(_AFTER_TS.tobytes(), 0, cut) < 0:  # a header: by itself
             yield from by_line([(text[:cut - 1], 1)])
-            text, first = text[cut:], 2
-        count = text.count(b"\n")
+            text, first, count = text[cut:], 2, count - 1
         if not text.startswith(_PREFIX):  # another spelling: line by line
             yield from decode(pending, one_by_one=True)
             pending = _Pending()

@@ -200,7 +200,7 @@ def _has_long_line(text: bytes, limit: int) -> bool:
     return any(text.find(b"\n", start, start + width) < 0 for start in range(0, len(text) - width + 1, width))
 
 
-def _split_long(text: bytes, lineno: int, limit: int) -> Iterator[tuple[int, bytes | None]]:
+def _split_long(text: bytes, lineno: int, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
     """``text`` (whole lines) as ``iter_text`` yields it: runs of lines up to ``limit`` bytes, and
     None for each longer one.  One ``find`` per line, each looking at most ``limit`` bytes ahead."""
     start = pos = 0
@@ -210,20 +210,22 @@ def _split_long(text: bytes, lineno: int, limit: int) -> Iterator[tuple[int, byt
             pos = newline + 1
             continue
         if pos > start:
-            yield lineno, text[start:pos]
-            lineno += text.count(b"\n", start, pos)
-        yield lineno, None
+            count = text.count(b"\n", start, pos)
+            yield lineno, text[start:pos], count
+            lineno += count
+        yield lineno, None, 1
         lineno += 1
         pos = start = text.index(b"\n", pos) + 1
     if start < len(text):
-        yield lineno, text[start:]
+        yield lineno, text[start:], text.count(b"\n", start)
 
 
 def iter_text(stream: BinaryIO, name: str,
-              max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
-    """(number of the first line, whole lines each ending in ``\n``) per decompressed chunk, and
-    (line number, None) for a line longer than ``max_line_bytes``, whose bytes are dropped as they
-    arrive (never held): the caller reports or skips it.
+              max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None, int]]:
+    """(number of the first line, whole lines each ending in ``\n``, how many) per decompressed
+    chunk, and (line number, None, 1) for a line longer than ``max_line_bytes``, whose bytes are
+    dropped as they arrive (never held): the caller reports or skips it.  The count is the one
+    the reader keeps its line numbers with, so no caller counts the text again.
 
     Blocks of text rather than single lines keep per-line Python work off the hot path: csvtool
     hands them to C as they are.  A final line without a newline still counts (one is added), as
@@ -244,18 +246,19 @@ def iter_text(stream: BinaryIO, name: str,
             if end:
                 text = b"".join((*tail, chunk[:end])) if tail else chunk[:end]
                 if len(text) > max_line_bytes and _has_long_line(text, max_line_bytes):
-                    for first, block in _split_long(text, lineno, max_line_bytes):
-                        yield first, block
-                        lineno = first + (1 if block is None else block.count(b"\n"))
+                    for first, block, count in _split_long(text, lineno, max_line_bytes):
+                        yield first, block, count
+                        lineno = first + count
                 else:
-                    yield lineno, text
-                    lineno += text.count(b"\n")
+                    count = text.count(b"\n")
+                    yield lineno, text, count
+                    lineno += count
                 tail, tail_len = [], 0
             if end < len(chunk):
                 tail.append(chunk[end:] if end else chunk)
                 tail_len += len(tail[-1])
                 if tail_len > max_line_bytes:
-                    yield lineno, None
+                    yield lineno, None, 1
                     lineno += 1
                     tail, tail_len, dropping = [], 0, True
     except zstandard.ZstdError as exc:
@@ -263,10 +266,10 @@ def iter_text(stream: BinaryIO, name: str,
     except OSError as exc:
         raise ArchiveError(name, lineno, f"read error: {exc.strerror or exc}") from None
     if tail:
-        yield lineno, b"".join((*tail, b"\n"))
+        yield lineno, b"".join((*tail, b"\n")), 1
 
 
-def read_text(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+def read_text(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None, int]]:
     """Text blocks of one archive (see ``iter_text``); ``-`` is standard input.  A missing file
     raises ArchiveError."""
     if path == STDIN:
@@ -283,7 +286,7 @@ def read_text(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple
 def read_archive(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
     """(line number, line without its newline) for each line of one archive; ArchiveError at a
     line longer than ``max_line_bytes``."""
-    for first, text in read_text(path, max_line_bytes):
+    for first, text, _ in read_text(path, max_line_bytes):
         if text is None:
             raise ArchiveError("<stdin>" if path == STDIN else path, first,
                                f"line longer than {max_line_bytes} bytes")

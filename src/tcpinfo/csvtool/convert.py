@@ -65,7 +65,7 @@ def convert_file(converter: UpstreamConverter | ModernConverter, path: str, out:
     """
     name = "<stdin>" if path == STDIN else path
     written = skipped = 0
-    for lineno, text in read_text(path, max_line_bytes):
+    for lineno, text, _ in read_text(path, max_line_bytes):
         if text is None:  # the reader has already dropped it
             if not skip_bad:
                 raise long_line(name, lineno, max_line_bytes)
