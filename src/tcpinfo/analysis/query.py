@@ -2,9 +2,10 @@
 
 The rows are a view named ``snapshots`` (the snapshots shape of ``tcpinfo export``).  Archives
 are first exported to a temporary dataset, so a query may read the table any number of times and
-memory stays bounded; a dataset (a directory holding ``*.parquet``, or Parquet files) is read in
-place.  The summary is ``health.connection``'s aggregates as SQL, then its ``summarize`` per
-connection: the same code as the collector's live answer.
+memory stays bounded; a dataset (a directory holding ``*.parquet``, Parquet files, or an
+``s3://`` URL, read through pyarrow) is read in place.  The summary is ``health.connection``'s
+aggregates as SQL, then its ``summarize`` per connection: the same code as the collector's live
+answer.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from pyarrow.fs import FileSelector
 
 from tcpinfo.analysis.errors import Usage
-from tcpinfo.analysis.export import HIVE_NULL, export
+from tcpinfo.analysis.export import HIVE_NULL, export, filesystem
 from tcpinfo.analysis.snapshots import SCHEMA, Counts
 from tcpinfo.archive.reader import MAX_LINE_BYTES
 from tcpinfo.health.connection import Summary, aggregate_sql, spark_pick, summarize
@@ -31,8 +35,31 @@ SNAPSHOT_ORDER = "coalesce(archive_sequence, 0) * 4294967296 + source_line"
 
 
 def is_dataset(path: str) -> bool:
+    """Whether ``path`` is an exported dataset: Parquet files, a directory holding them, or an
+    object store URL (``s3://bucket/prefix``: archives are read from files only)."""
+    if "://" in path:
+        return True
     p = Path(path)
     return (p.is_file() and p.suffix == ".parquet") or (p.is_dir() and any(p.rglob("*.parquet")))
+
+
+def _store_dataset(url: str) -> ds.Dataset:
+    """An exported dataset in an object store, read through pyarrow's filesystem (DuckDB's own
+    S3 support is an extension it would download): its partitions typed as DuckDB's
+    ``hive_partitioning`` types them."""
+    fs, root = filesystem(url)
+    try:
+        files = sorted(f.path for f in fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+                       if f.path.endswith(".parquet"))
+    except OSError as exc:
+        raise Usage(f"{url}: {str(exc).splitlines()[0]}") from None
+    if not files:
+        raise Usage(f"{url}: no Parquet files there (give a dataset that tcpinfo export wrote)")
+    keys = [pa.field("date", pa.date32())]
+    if any("/host=" in f for f in files):
+        keys.append(pa.field("host", pa.string()))
+    return ds.dataset(files, filesystem=fs, format="parquet", partition_base_dir=root,
+                      partitioning=ds.HivePartitioning(pa.schema(keys), null_fallback=HIVE_NULL))
 
 
 def _parquet_glob(path: str) -> str:
@@ -57,12 +84,18 @@ def connect(paths: list[str], archives: list[str], counts: Counts | None = None,
             pq.write_table(SCHEMA.empty_table().drop_columns(["date"]), empty / "empty.parquet")
             globs = [str(Path(tmp) / "**" / "*.parquet")]
         else:
-            globs = [_parquet_glob(p) for p in paths]
+            globs = [_parquet_glob(p) for p in paths if "://" not in p]
         con = duckdb.connect(":memory:", config={"threads": 2})
         try:
-            files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)  # views take no parameters
-            con.execute(f"CREATE VIEW snapshots AS SELECT * FROM read_parquet([{files}], "
-                        "hive_partitioning = true, union_by_name = true)")
+            sources = []
+            if globs:
+                files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)  # views take no parameters
+                sources.append(f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
+                               "union_by_name = true)")
+            for i, url in enumerate(p for p in paths if "://" in p):
+                con.register(f"store_{i}", _store_dataset(url))
+                sources.append(f"SELECT * FROM store_{i}")
+            con.execute("CREATE VIEW snapshots AS " + " UNION ALL BY NAME ".join(sources))
             columns = {row[0] for row in con.execute("DESCRIBE snapshots").fetchall()}
             if "Snapshots" in columns:
                 raise Usage("this dataset has M-Lab's row shape: query it with read_parquet(); "
