@@ -130,7 +130,8 @@ class PartitionedWriter:
         self._pending_rows.pop(key, None)
         self._pending_bytes.pop(key, None)
         if queued:
-            self._open[key].write_table(pa.Table.from_batches(queued), row_group_size=ROW_GROUP_ROWS)
+            table = pa.Table.from_batches(queued)
+            self._open[key].write_table(table, row_group_size=table.num_rows)   # one group, not a remainder
 
     def _writer(self, key: tuple) -> pq.ParquetWriter:
         """The partition's open file: a new one (closing the least recently used beyond
