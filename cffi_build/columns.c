@@ -17,8 +17,8 @@
 
 #define NS 1000000000ll
 
-/* The timestamp as ns since 1970 (0 for the zero time, with its null flag set);
- * 0 if it is neither canonical nor the zero time, or does not fit in int64 ns. */
+/* Stores the row's Timestamp: ns since 1970, or for Go's zero time its null flag.
+ * Returns 0 if it is neither canonical nor the zero time, or does not fit in int64 ns. */
 static int timestamp(const struct tcpi_columns *cols, const struct span *ts, uint32_t row)
 {
     struct instant at;
