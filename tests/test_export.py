@@ -275,6 +275,21 @@ def test_row_groups_hold_32768_rows_with_statistics_only_on_the_columns_queries_
     assert not stats["tcp_rtt"] and not stats["tcp_bytes_acked"]
 
 
+@pytest.mark.parametrize("codec", ["lz4", "none"])
+def test_compression_flag_picks_the_parquet_codec_and_the_rows_stay_the_same(tmp_path: Path, codec: str) -> None:
+    import pyarrow.parquet as pq
+
+    default = export(tmp_path / "zstd", NDT)
+    result = run("export", "--compression", codec, "-o", str(tmp_path / codec), str(NDT))
+    assert result.returncode == 0, result.stderr
+    want = {"lz4": "LZ4", "none": "UNCOMPRESSED"}[codec]
+    for f in (tmp_path / codec).rglob("*.parquet"):
+        assert pq.ParquetFile(f).metadata.row_group(0).column(0).compression == want
+    assert read(tmp_path / codec).to_table().equals(default)
+    bad = run("export", "--compression", "brotli9", "-o", str(tmp_path / "x"), str(NDT))
+    assert bad.returncode == 2 and b"invalid choice" in bad.stderr
+
+
 def test_mlab_snapshot_struct_is_the_declared_schema() -> None:
     from tcpinfo.analysis import mlab
 

@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--partition", choices=("auto", "date", "host"), default="auto",
                    help="date=.../ directories, and host=.../ under them with 'host' or, with 'auto', "
                         "when the file names show several hosts (snapshots shape only)")
+    e.add_argument("--compression", choices=("zstd", "lz4", "snappy", "gzip", "none"), default="zstd",
+                   help="Parquet codec (default zstd: the smallest files; lz4 writes ~20%% faster, "
+                        "files ~35%% larger)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace a previous export in DIR (its partitions and .parquet files)")
     _engine_flags(e)
@@ -162,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
             clear(fs, root)
         fs.create_dir(root, recursive=True)
         kw = dict(shape=args.shape, partition=args.partition, skip_bad=args.skip_bad,
-                  max_line_bytes=args.max_line_bytes)
+                  max_line_bytes=args.max_line_bytes, compression=args.compression)
         if args.engine == "spark":
             from tcpinfo.analysis import spark
 

@@ -31,6 +31,8 @@ MAX_OPEN = 64
 """Partition files open at once; the least recently written is closed beyond it."""
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 COMPRESSION = "zstd"
+"""The default codec: zstd's files are a quarter smaller than lz4's and snappy's, for 20% more
+write time (``--compression``: docs/benchmarks.md)."""
 ROW_GROUP_ROWS = 32_768
 ROW_GROUP_BYTES = 24 << 20
 """A row group holds up to this many rows or bytes of Arrow data (whichever comes first), and
@@ -82,8 +84,8 @@ class PartitionedWriter:
     partition (capped)."""
 
     def __init__(self, fs: pafs.FileSystem, root: str, schema: pa.Schema, by: list[str], prefix: str = "part",
-                 statistics: bool | list[str] = True) -> None:
-        self.fs, self.root, self.by, self.prefix = fs, root, by, prefix
+                 statistics: bool | list[str] = True, compression: str = COMPRESSION) -> None:
+        self.fs, self.root, self.by, self.prefix, self.compression = fs, root, by, prefix, compression
         self.file_schema = pa.schema([f for f in schema if f.name not in by])
         # dictionary-encode the strings only: integer dictionaries of ever-changing counters
         # cost twice the write time and made the files 40% larger (zstd does better alone)
@@ -145,7 +147,7 @@ class PartitionedWriter:
             directory = "/".join([self.root, *(_segment(c, v) for c, v in zip(self.by, key))])
             self.fs.create_dir(directory, recursive=True)
             writer = pq.ParquetWriter(f"{directory}/{self.prefix}-{n:05d}.parquet", self.file_schema,
-                                      filesystem=self.fs, compression=COMPRESSION,
+                                      filesystem=self.fs, compression=self.compression,
                                       use_dictionary=self.dictionary, write_statistics=self.statistics)
             self.files += 1
             self._open[key] = writer
@@ -246,14 +248,14 @@ def partition_by(shape: str, partition: str, paths: list[str]) -> list[str]:
 def write_group(paths: list[str], fs: pafs.FileSystem, root: str, *, shape: str, by: list[str],
                 prefix: str = "part", counts: Counts | None = None, report: Progress | None = None,
                 skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
-                parse_time_ns: int | None = None) -> int:
+                parse_time_ns: int | None = None, compression: str = COMPRESSION) -> int:
     """Converts ``paths`` into files named ``<prefix>-NNNNN.parquet`` under ``root``'s
     partitions; returns how many files.  The same input and prefix write the same files, so a
     retried task of a distributed job overwrites what a failed attempt left.  BadInput /
     ArchiveError stop it after closing every file: the rows before the bad line are kept."""
     counts = counts if counts is not None else Counts()
     writer = PartitionedWriter(fs, root, schema_of(shape), by, prefix,
-                               statistics=True if shape == "mlab" else SNAPSHOT_STATISTICS)
+                               statistics=True if shape == "mlab" else SNAPSHOT_STATISTICS, compression=compression)
     try:
         for batch in batches(paths, shape, counts, report, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
                              parse_time_ns=parse_time_ns):
@@ -265,7 +267,7 @@ def write_group(paths: list[str], fs: pafs.FileSystem, root: str, *, shape: str,
 
 def export(paths: list[str], out: Path | str, *, shape: str = "snapshots", partition: str = "auto",
            skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES, progress: bool = False,
-           parse_time_ns: int | None = None) -> tuple[Counts, int]:
+           parse_time_ns: int | None = None, compression: str = COMPRESSION) -> tuple[Counts, int]:
     """Writes the dataset in this process; returns (counts, files written)."""
     fs, root = filesystem(str(out))
     counts = Counts()
@@ -273,7 +275,7 @@ def export(paths: list[str], out: Path | str, *, shape: str = "snapshots", parti
     try:
         files = write_group(paths, fs, root, shape=shape, by=partition_by(shape, partition, paths),
                             counts=counts, report=report, skip_bad=skip_bad, max_line_bytes=max_line_bytes,
-                            parse_time_ns=parse_time_ns)
+                            parse_time_ns=parse_time_ns, compression=compression)
     finally:
         report.finish(counts)
     return counts, files

@@ -28,7 +28,7 @@ from pyspark.errors import PySparkException
 from pyspark.sql import SparkSession
 
 from tcpinfo.analysis.errors import EngineError
-from tcpinfo.analysis.export import filesystem, partition_by, write_group
+from tcpinfo.analysis.export import COMPRESSION, filesystem, partition_by, write_group
 from tcpinfo.analysis.query import summary_row, summary_sql
 from tcpinfo.analysis.snapshots import Counts
 from tcpinfo.archive.reader import MAX_LINE_BYTES, STDIN, ArchiveError
@@ -117,20 +117,21 @@ def _task(job: dict, index: int, paths: list[str]) -> tuple[int, int, int, str |
     try:
         files = write_group(paths, fs, root, shape=job["shape"], by=job["by"], prefix=f"part-g{index:05d}",
                             counts=counts, skip_bad=job["skip_bad"], max_line_bytes=job["max_line_bytes"],
-                            parse_time_ns=job["parse_time_ns"])
+                            parse_time_ns=job["parse_time_ns"], compression=job["compression"])
     except (BadInput, ArchiveError) as exc:
         return counts.rows, counts.skipped, 0, str(exc)
     return counts.rows, counts.skipped, files, None
 
 
 def export(spark: SparkSession, paths: list[str], out: str, *, shape: str = "snapshots", partition: str = "auto",
-           skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[Counts, int]:
+           skip_bad: bool = False, max_line_bytes: int = MAX_LINE_BYTES,
+           compression: str = COMPRESSION) -> tuple[Counts, int]:
     """The dataset written by tasks of ``spark``; returns (counts, files).  Raises BadInput
     with the first bad line (in input order) after every task has finished."""
     if STDIN in paths:
         raise BadInput("--engine spark reads files, not stdin (-)")
     job = {"out": out, "shape": shape, "by": partition_by(shape, partition, paths), "skip_bad": skip_bad,
-           "max_line_bytes": max_line_bytes, "parse_time_ns": time.time_ns()}
+           "max_line_bytes": max_line_bytes, "parse_time_ns": time.time_ns(), "compression": compression}
     parts = groups(paths, spark.sparkContext.defaultParallelism * TASKS_PER_CORE)
     if not parts:
         return Counts(), 0
