@@ -80,8 +80,8 @@ def parser() -> argparse.ArgumentParser:
                    help="date=.../ directories, and host=.../ under them with 'host' or, with 'auto', "
                         "when the file names show several hosts (snapshots shape only)")
     e.add_argument("--compression", choices=("zstd", "lz4", "snappy", "gzip", "none"), default="zstd",
-                   help="Parquet codec (default zstd: the smallest files; lz4 writes ~20%% faster, "
-                        "files ~35%% larger)")
+                   help="Parquet codec (default zstd: the smallest files; lz4 and snappy files are "
+                        "~35%% larger)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace a previous export in DIR (its partitions and .parquet files)")
     _engine_flags(e)

@@ -31,8 +31,9 @@ MAX_OPEN = 64
 """Partition files open at once; the least recently written is closed beyond it."""
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 COMPRESSION = "zstd"
-"""The default codec: zstd's files are a quarter smaller than lz4's and snappy's, for 20% more
-write time (``--compression``: docs/benchmarks.md)."""
+"""The default codec: zstd's files are a quarter smaller than lz4's and snappy's.  Alone, lz4
+writes 20% faster, but within the whole export that is inside the machine's noise
+(``--compression``; docs/benchmarks.md)."""
 ROW_GROUP_ROWS = 32_768
 ROW_GROUP_BYTES = 24 << 20
 """A row group holds up to this many rows or bytes of Arrow data (whichever comes first), and
