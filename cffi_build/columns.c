@@ -23,7 +23,7 @@ static int timestamp(const struct tcpi_columns *cols, const struct span *ts, uin
 {
     struct instant at;
     int64_t ns;
-    if (ts->len == strlen(cols->zero_time) && memcmp(ts->text, cols->zero_time, ts->len) == 0) {
+    if (span_is(ts, cols->zero_time)) {
         cols->time_null[row] = 1;
         return 1;
     }

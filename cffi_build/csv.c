@@ -260,7 +260,7 @@ static int64_t convert_line(const struct tcpi_csv_schema *schema, const int8_t *
     char *p = out;
     if (!parse_line(in, in + len, &l) || b64_size(&l.idm) < IDM_LEN || b64_decode(&l.idm, idm, IDM_LEN) < 0)
         return -1;
-    if (l.ts.len == strlen(schema->zero_time) && memcmp(l.ts.text, schema->zero_time, l.ts.len) == 0)
+    if (span_is(&l.ts, schema->zero_time))
         p = put_text(p, schema->zero_time_as);
     else if (canonical_time(&l.ts, NULL))
         p = (char *)memcpy(p, l.ts.text, l.ts.len) + l.ts.len;  /* printed as written */

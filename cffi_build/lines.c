@@ -56,6 +56,12 @@ static int string_to_quote(const uint8_t **p, const uint8_t *end, struct span *s
     return 1;
 }
 
+int span_is(const struct span *s, const char *text)
+{
+    size_t n = strlen(text);
+    return s->len == n && memcmp(s->text, text, n) == 0;
+}
+
 /* Length that base64 text decodes to: a multiple of 4 characters with at most
  * two '=' at the end (what binascii's strict mode surely accepts); -1 if not. */
 int64_t b64_size(const struct span *s)

@@ -785,6 +785,7 @@ struct instant {
 
 /* Splits the canonical line shape into its strings; 0 if it is not that shape. */
 INTERNAL int parse_line(const uint8_t *p, const uint8_t *end, struct line *l);
+INTERNAL int span_is(const struct span *s, const char *text);   /* equal to that text */
 INTERNAL int64_t b64_size(const struct span *s);
 INTERNAL int b64_decode(const struct span *s, uint8_t *out, uint32_t cap);
 INTERNAL int canonical_time(const struct span *ts, struct instant *at);

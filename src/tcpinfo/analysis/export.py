@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,11 +38,12 @@ writes 20% faster, but within the whole export that is inside the machine's nois
 ROW_GROUP_ROWS = 32_768
 ROW_GROUP_BYTES = 24 << 20
 """A row group holds up to this many rows or bytes of Arrow data (whichever comes first), and
-batches wait for it in memory, up to that many bytes across all partitions.  Row groups of
-65,536 rows instead of one per 8,192-row batch write 25% faster (fewer column chunks, each with
-its headers and statistics) and make the files 3% smaller; see docs/benchmarks.md."""
+batches wait for it in memory, up to that many bytes across all partitions.  Groups larger than
+one 8,192-row batch write faster (fewer column chunks, each with its headers and statistics):
+65,536 rows wrote 25% faster but took peak RSS to 202 MiB; 32,768 keeps it near 170 MiB (see
+docs/benchmarks.md)."""
 SNAPSHOT_STATISTICS = ["timestamp", "uuid", "host", "date", "archive_start_time", "source_file",
-              "idm_src", "idm_dst", "idm_sport", "idm_dport", "idm_cookie"]
+                       "idm_src", "idm_dst", "idm_sport", "idm_dport", "idm_cookie"]
 """Columns with min/max statistics: those a query selects rows by (time, connection, host,
 endpoints), which lets DuckDB and Spark skip row groups.  Statistics on the ~110 tcp_info
 counters cost 10-25% of the write time and filter nothing (every group spans their range)."""
@@ -65,11 +67,16 @@ def _segment(name: str, value: object) -> str:
     return f"{name}={urllib.parse.quote(str(value), safe='')}"
 
 
+def is_url(location: str) -> bool:
+    """Whether a dataset location is a URL pyarrow's filesystems resolve (``s3://...``), not a path."""
+    return "://" in location
+
+
 def filesystem(out: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and path of a dataset location: a local directory, or a URL pyarrow knows
     (``s3://bucket/prefix``, credentials and endpoint from the environment as for the AWS CLI, or
     URL options such as ``?endpoint_override=host:port&scheme=http``)."""
-    if "://" in out:
+    if is_url(out):
         fs, path = pafs.FileSystem.from_uri(out)
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(out)
@@ -78,6 +85,20 @@ def filesystem(out: str) -> tuple[pafs.FileSystem, str]:
 def entries(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     """What ``root`` holds (nothing if it does not exist)."""
     return fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+
+
+@dataclass
+class _Queue:
+    """A partition's batches waiting for its next row group."""
+
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    rows: int = 0
+    nbytes: int = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.batches.append(batch)
+        self.rows += batch.num_rows
+        self.nbytes += batch.nbytes
 
 
 class PartitionedWriter:
@@ -94,9 +115,7 @@ class PartitionedWriter:
         self.statistics = statistics if isinstance(statistics, bool) else [c for c in statistics if c not in by]
         self._open: OrderedDict[tuple, pq.ParquetWriter] = OrderedDict()
         self._parts: dict[tuple, int] = {}
-        self._pending: dict[tuple, list[pa.RecordBatch]] = {}
-        self._pending_rows: dict[tuple, int] = {}
-        self._pending_bytes: dict[tuple, int] = {}
+        self._queues: dict[tuple, _Queue] = {}
         self.files = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
@@ -118,27 +137,24 @@ class PartitionedWriter:
     def _write(self, key: tuple, batch: pa.RecordBatch) -> None:
         """Queues the batch for its partition's next row group; writes the row group when it is
         full, and the largest queue when the queues hold more than ROW_GROUP_BYTES."""
-        self._writer(key)
-        self._pending.setdefault(key, []).append(batch.drop_columns(self.by) if self.by else batch)
-        self._pending_rows[key] = self._pending_rows.get(key, 0) + batch.num_rows
-        self._pending_bytes[key] = self._pending_bytes.get(key, 0) + batch.nbytes
-        if self._pending_rows[key] >= ROW_GROUP_ROWS or self._pending_bytes[key] >= ROW_GROUP_BYTES:
+        self._touch(key)
+        queue = self._queues.setdefault(key, _Queue())
+        queue.add(batch.drop_columns(self.by) if self.by else batch)
+        if queue.rows >= ROW_GROUP_ROWS or queue.nbytes >= ROW_GROUP_BYTES:
             self._flush(key)
-        while sum(self._pending_bytes.values()) > ROW_GROUP_BYTES:
-            self._flush(max(self._pending_bytes, key=self._pending_bytes.__getitem__))
+        while sum(q.nbytes for q in self._queues.values()) > ROW_GROUP_BYTES:
+            self._flush(max(self._queues, key=lambda k: self._queues[k].nbytes))
 
     def _flush(self, key: tuple) -> None:
         """Writes the partition's queued batches as one row group."""
-        queued = self._pending.pop(key, None)
-        self._pending_rows.pop(key, None)
-        self._pending_bytes.pop(key, None)
-        if queued:
-            table = pa.Table.from_batches(queued)
+        queue = self._queues.pop(key, None)
+        if queue and queue.batches:
+            table = pa.Table.from_batches(queue.batches)
             self._open[key].write_table(table, row_group_size=table.num_rows)   # one group, not a remainder
 
-    def _writer(self, key: tuple) -> pq.ParquetWriter:
-        """The partition's open file: a new one (closing the least recently used beyond
-        MAX_OPEN), or the one it has."""
+    def _touch(self, key: tuple) -> None:
+        """Opens the partition's file if it has none (closing the least recently used beyond
+        MAX_OPEN), and marks it the most recently used."""
         writer = self._open.get(key)
         if writer is None:
             if len(self._open) >= MAX_OPEN:
@@ -154,7 +170,6 @@ class PartitionedWriter:
             self._open[key] = writer
         else:
             self._open.move_to_end(key)
-        return writer
 
     def _close_oldest(self) -> None:
         key = next(iter(self._open))

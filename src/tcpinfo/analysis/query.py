@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FileSelector
 
 from tcpinfo.analysis.errors import Usage
-from tcpinfo.analysis.export import HIVE_NULL, export, filesystem
+from tcpinfo.analysis.export import HIVE_NULL, export, filesystem, is_url
 from tcpinfo.analysis.snapshots import SCHEMA, Counts
 from tcpinfo.archive.reader import MAX_LINE_BYTES
 from tcpinfo.health.connection import Summary, aggregate_sql, spark_pick, summarize
@@ -37,7 +37,7 @@ SNAPSHOT_ORDER = "coalesce(archive_sequence, 0) * 4294967296 + source_line"
 def is_dataset(path: str) -> bool:
     """Whether ``path`` is an exported dataset: Parquet files, a directory holding them, or an
     object store URL (``s3://bucket/prefix``: archives are read from files only)."""
-    if "://" in path:
+    if is_url(path):
         return True
     p = Path(path)
     return (p.is_file() and p.suffix == ".parquet") or (p.is_dir() and any(p.rglob("*.parquet")))
@@ -84,7 +84,7 @@ def connect(paths: list[str], archives: list[str], counts: Counts | None = None,
             pq.write_table(SCHEMA.empty_table().drop_columns(["date"]), empty / "empty.parquet")
             globs = [str(Path(tmp) / "**" / "*.parquet")]
         else:
-            globs = [_parquet_glob(p) for p in paths if "://" not in p]
+            globs = [_parquet_glob(p) for p in paths if not is_url(p)]
         con = duckdb.connect(":memory:", config={"threads": 2})
         try:
             sources = []
@@ -92,7 +92,7 @@ def connect(paths: list[str], archives: list[str], counts: Counts | None = None,
                 files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)  # views take no parameters
                 sources.append(f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
                                "union_by_name = true)")
-            for i, url in enumerate(p for p in paths if "://" in p):
+            for i, url in enumerate(p for p in paths if is_url(p)):
                 con.register(f"store_{i}", _store_dataset(url))
                 sources.append(f"SELECT * FROM store_{i}")
             con.execute("CREATE VIEW snapshots AS " + " UNION ALL BY NAME ".join(sources))
