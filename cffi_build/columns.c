@@ -8,7 +8,8 @@
  * decode another way or report.  Per line it writes the timestamp as
  * nanoseconds, the IDM's bytes, and for each kept attribute type the value's
  * first bytes and its decoded length: what the kernel's structs are read from
- * by numpy views, all in one pass over the text.
+ * by numpy views, all in one pass over the text.  tcpi_distinct numbers the
+ * distinct values of a column of bytes, for the columns formatted as text.
  */
 #define TCPINFO_CORE_INTERNAL
 #include "tcpinfo_core.h"
@@ -63,15 +64,49 @@ static int fill_line(const struct tcpi_columns *cols, const uint8_t *in, uint64_
     return 1;
 }
 
-int tcpi_columns_fill(const char *in, uint64_t in_len, uint32_t rows, const struct tcpi_columns *cols)
+int tcpi_columns_fill(const char *in, uint64_t in_len, uint32_t first_row, uint32_t rows,
+                      const struct tcpi_columns *cols)
 {
     const uint8_t *text = (const uint8_t *)in;
     uint64_t pos = 0;
-    for (uint32_t row = 0; row < rows; row++) {
+    for (uint32_t row = first_row; row < first_row + rows; row++) {
         const uint8_t *nl = pos < in_len ? memchr(text + pos, '\n', in_len - pos) : NULL;
         if (nl == NULL || !fill_line(cols, text + pos, (uint64_t)(nl - (text + pos)), row))
             return 0;
         pos = (uint64_t)(nl - text) + 1;
     }
     return pos == in_len;
+}
+
+/* FNV-1a over a row's bytes: rows are short (up to ~70 bytes). */
+static uint32_t row_hash(const uint8_t *row, uint32_t width)
+{
+    uint32_t h = 2166136261u;
+    for (uint32_t i = 0; i < width; i++)
+        h = (h ^ row[i]) * 16777619u;
+    return h;
+}
+
+uint32_t tcpi_distinct(const uint8_t *rows, uint32_t n, uint32_t width, uint32_t *index,
+                       uint32_t *first, uint32_t *table, uint32_t slots)
+{
+    uint32_t distinct = 0, mask = slots - 1;
+    memset(table, 0xff, (size_t)slots * sizeof *table);   /* UINT32_MAX: an empty slot */
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *row = rows + (uint64_t)i * width;
+        if (i && memcmp(row, row - width, width) == 0) {   /* the usual case: as the row before */
+            index[i] = index[i - 1];
+            continue;
+        }
+        uint32_t slot = row_hash(row, width) & mask;
+        while (table[slot] != UINT32_MAX &&
+               memcmp(rows + (uint64_t)first[table[slot]] * width, row, width) != 0)
+            slot = (slot + 1) & mask;
+        if (table[slot] == UINT32_MAX) {
+            table[slot] = distinct;
+            first[distinct++] = i;
+        }
+        index[i] = table[slot];
+    }
+    return distinct;
 }

@@ -356,9 +356,19 @@ struct tcpi_columns {
     int32_t *lengths;       /* rows x n_types: each value's decoded length, -1 absent */
 };
 
-/* Fills cols from in[0:in_len]: 1 if that is `rows` lines, each ending in '\n'
- * and each taken; else 0, and nothing it wrote is to be used. */
-int tcpi_columns_fill(const char *in, uint64_t in_len, uint32_t rows, const struct tcpi_columns *cols);
+/* Fills rows first_row .. first_row + rows - 1 of cols from in[0:in_len] (the
+ * reader's blocks go in one by one, never joined): 1 if that is `rows` lines,
+ * each ending in '\n' and each taken; else 0, and nothing it wrote is to be used. */
+int tcpi_columns_fill(const char *in, uint64_t in_len, uint32_t first_row, uint32_t rows,
+                      const struct tcpi_columns *cols);
+
+/* Numbers the distinct rows of rows[0 : n * width] (n >= 1), in order of first
+ * appearance: index[i] is row i's number, first[k] the row where number k first
+ * appears.  table is scratch space of `slots` entries, a power of two above n.
+ * Returns how many distinct rows (addresses, CONG, SOCKOPT: a few per block,
+ * formatted once each). */
+uint32_t tcpi_distinct(const uint8_t *rows, uint32_t n, uint32_t width, uint32_t *index,
+                       uint32_t *first, uint32_t *table, uint32_t slots);
 
 /* CDEF-END */
 

@@ -333,7 +333,7 @@ def _decode(lines: list[tuple[int, bytes]], decoder: str = "columns.c"):
     block = b"".join(line + b"\n" for _, line in lines)
     args = (len(lines), snapshots._Archive("x"), np.array([n for n, _ in lines]))
     if decoder == "columns.c":
-        return snapshots._decode_block_in_c(block, *args)
+        return snapshots._decode_block_in_c([block], [len(lines)], *args[1:])
     return snapshots._decode_block(block + bytes(snapshots._SLACK), *args)
 
 
@@ -373,6 +373,24 @@ def test_the_block_decoders_leave_every_other_line_shape_to_the_reference(change
     assert change[0] in line
     lines[10] = (n, line.replace(change[0], change[1], 1))
     assert _decode(lines[:10], decoder) is not None and _decode(lines, decoder) is None
+
+
+def test_the_c_decoder_fills_one_batch_from_the_readers_blocks_as_they_come() -> None:
+    """The reader's blocks go to C one by one (never joined): the rows are the one-block
+    batch's, and a line C declines in a later block declines the whole batch."""
+    import numpy as np
+
+    from tcpinfo.analysis import snapshots
+
+    lines = _data_lines(NDT)
+    texts = [b"".join(line + b"\n" for _, line in lines[i:i + 7]) for i in range(0, len(lines), 7)]
+    counts = [len(lines[i:i + 7]) for i in range(0, len(lines), 7)]
+    linenos = np.array([n for n, _ in lines])
+    pieces = snapshots._decode_block_in_c(texts, counts, snapshots._Archive("x"), linenos)
+    whole = _decode(lines)
+    assert len(texts) > 2 and pieces is not None and whole is not None and pieces.equals(whole)
+    texts[-1] = texts[-1].replace(b'"Attributes":[', b'"Attributes": [', 1)
+    assert snapshots._decode_block_in_c(texts, counts, snapshots._Archive("x"), linenos) is None
 
 
 def _with_time(lines: list[tuple[int, bytes]], stamps: list[str]) -> list[tuple[int, bytes]]:

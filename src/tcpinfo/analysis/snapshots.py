@@ -7,9 +7,9 @@ the archive's UUID, host and Metadata and where each row came from.
 
 ``archive_batches`` is a pure function of one archive (a path or ``-``): a distributed engine
 runs it per file (``analysis.spark`` does, through ``export.write_group``) and gets exactly what
-``tcpinfo export`` writes.  Speed comes from never touching a line in Python: the reader's text
-blocks are joined as they are, and C (``cffi_build/columns.c``, ``_decode_block_in_c``) fills the
-column buffers of a batch of lines in one pass: timestamps as nanoseconds, the IDM's bytes, each
+``tcpinfo export`` writes.  Speed comes from never touching a line in Python: C (``cffi_build/columns.c``,
+``_decode_block_in_c``) fills the column buffers of a batch of lines from the reader's text blocks
+as they are, in one pass: timestamps as nanoseconds, the IDM's bytes, each
 attribute type's value bytes and length, which numpy views with the kernel structs' dtypes.  C
 takes the lines csvtool's loop takes (Go's shape, canonical timestamps); a batch with any other
 line goes to ``_decode_block``, which parses the same shape with whole-buffer array operations
@@ -24,7 +24,7 @@ import binascii
 import itertools
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -387,10 +387,13 @@ _KEPT = {**{t: dtype.itemsize for t, (_, _, dtype) in _STRUCTS.items()},
 _N_TYPES = max(_KEPT) + 1
 
 
-def _decode_block_in_c(block: bytes, n: int, archive: _Archive, linenos: np.ndarray) -> pa.RecordBatch | None:
-    """The rows of ``n`` data lines, if every one has the shape csvtool's C loop takes (Go's,
-    a canonical timestamp): C (``cffi_build/columns.c``) fills the column buffers in one pass
-    over the text, and numpy views the kernel's structs in them.  None if C declines a line."""
+def _decode_block_in_c(texts: list[bytes], counts: list[int], archive: _Archive,
+                       linenos: np.ndarray) -> pa.RecordBatch | None:
+    """The rows of the data lines in ``texts`` (``counts[i]`` whole lines each), if every one
+    has the shape csvtool's C loop takes (Go's, a canonical timestamp): C
+    (``cffi_build/columns.c``) fills the column buffers in one pass over each text, and numpy
+    views the kernel's structs in them.  None if C declines a line."""
+    n = sum(counts)
     times, null = np.zeros(n, np.int64), np.zeros(n, np.uint8)
     idm = np.zeros((n, IDM_LEN), np.uint8)
     lengths = np.empty((n, _N_TYPES), np.int32)
@@ -404,7 +407,12 @@ def _decode_block_in_c(block: bytes, n: int, archive: _Archive, linenos: np.ndar
         "time_null": ffi.from_buffer("uint8_t[]", null), "idm": ffi.from_buffer("uint8_t[]", idm),
         "idm_len": IDM_LEN, "n_types": _N_TYPES, "values": values, "widths": widths,
         "lengths": ffi.from_buffer("int32_t[]", lengths)})
-    if not lib.tcpi_columns_fill(block, len(block), n, spec) or (lengths[:, INET_DIAG_CONG] > _CONG_BYTES).any():
+    row = 0
+    for text, count in zip(texts, counts):
+        if not lib.tcpi_columns_fill(text, len(text), row, count, spec):
+            return None
+        row += count
+    if (lengths[:, INET_DIAG_CONG] > _CONG_BYTES).any():
         return None
     mask = null.view(bool)
     cols: dict[str, pa.Array] = {"timestamp": pa.array(times, pa.timestamp("ns", tz="UTC"),
@@ -419,8 +427,45 @@ def _decode_block_in_c(block: bytes, n: int, archive: _Archive, linenos: np.ndar
 _ZERO_TIME = ffi.new("char[]", ZERO_TIME.encode())
 
 
-_TEXT_MEMO: dict[tuple[int, bytes], str | None] = {}
-"""CONG and SOCKOPT text by (type, value): a handful of distinct values per archive."""
+def _cong_text(value: bytes) -> str | None:
+    return _cong(value) if value else None
+
+
+def _sockopt_text(value: bytes) -> str | None:
+    st = _SCALARS[INET_DIAG_SOCKOPT][1]
+    return "|".join(sockopt_names(st.unpack_from(value)[0])) if len(value) >= st.size else None
+
+
+def _address_text(value: bytes) -> str:
+    """A (family, 16 address bytes) key as ip_string writes it."""
+    return ip_string(value[1:], value[0])
+
+
+_ADDRESS = -1
+_FORMATS: dict[int, Callable[[bytes], str | None]] = {
+    INET_DIAG_CONG: _cong_text, INET_DIAG_SOCKOPT: _sockopt_text, _ADDRESS: _address_text}
+
+
+class _Memo:
+    """Text of values that repeat (CONG, SOCKOPT, addresses: a handful of distinct ones per
+    archive), each formatted once; bounded, as the values of a long export are not."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._texts: dict[tuple[int, bytes], str | None] = {}
+
+    def text(self, kind: int, value: bytes) -> str | None:
+        """``_FORMATS[kind](value)``, from the memo when it was formatted before."""
+        key = (kind, value)
+        if key not in self._texts:
+            if len(self._texts) >= self.LIMIT:
+                self._texts.clear()
+            self._texts[key] = _FORMATS[kind](value)
+        return self._texts[key]
+
+
+_TEXTS = _Memo()
 
 
 def _texts(t: int, matrix: np.ndarray, lengths: np.ndarray) -> pa.Array | None:
@@ -428,22 +473,9 @@ def _texts(t: int, matrix: np.ndarray, lengths: np.ndarray) -> pa.Array | None:
     (the reference reports it).  A SOCKOPT too short to hold its value is absent."""
     keys = np.concatenate([lengths.astype("<i4")[:, None].view(np.uint8), matrix], axis=1)  # length, bytes
     unique, index = _distinct(keys)
-    texts: list[str | None] = []
-    for data in unique:
-        value = data[4:4 + int.from_bytes(data[:4], "little")]
-        if (t, value) not in _TEXT_MEMO:
-            if len(_TEXT_MEMO) > 4096:
-                _TEXT_MEMO.clear()
-            if t == INET_DIAG_CONG:
-                _TEXT_MEMO[(t, value)] = _cong(value) if value else None
-            else:
-                st = _SCALARS[t][1]
-                _TEXT_MEMO[(t, value)] = ("|".join(sockopt_names(st.unpack_from(value)[0]))
-                                          if len(value) >= st.size else None)
-        text = _TEXT_MEMO[(t, value)]
-        if text is None and t == INET_DIAG_CONG:
-            return None
-        texts.append(text)
+    texts = [_TEXTS.text(t, data[4:4 + int.from_bytes(data[:4], "little")]) for data in unique]
+    if t == INET_DIAG_CONG and None in texts:
+        return None
     return pa.array(texts, pa.string()).take(index)
 
 
@@ -516,28 +548,58 @@ _STATE_NAMES = pa.array([state_name(i) for i in range(256)], pa.string())
 def _addresses(raw: np.ndarray, offset: int, family: np.ndarray) -> pa.Array:
     """ip_string of each row's 16 address bytes, formatted once per distinct (family, address)."""
     unique, index = _distinct(np.concatenate([family[:, None], raw[:, offset:offset + 16]], axis=1))
-    return pa.array([ip_string(u[1:], u[0]) for u in unique], pa.string()).take(index)
+    return pa.array([_TEXTS.text(_ADDRESS, u) for u in unique], pa.string()).take(index)
 
 
 def _distinct(keys: np.ndarray) -> tuple[list[bytes], pa.Array]:
-    """The distinct rows of a byte matrix and each row's index among them: one comparison when
-    every row is the same (an archive is one connection: the usual case), else a sort of one
-    64-bit hash per row, its groups checked byte for byte (a collision takes a sort of the rows)."""
-    keys = np.ascontiguousarray(keys)
+    """The distinct rows of a byte matrix and each row's index among them, numbered by C
+    (``tcpi_distinct``: a hash table, one pass; a row equal to the one before costs a compare)."""
+    keys = np.ascontiguousarray(keys, np.uint8)
     n, width = keys.shape
-    if not n or (keys == keys[0]).all():
-        return [keys[0].tobytes()] if n else [], pa.array(np.zeros(n, np.int64))
-    padded = np.zeros((n, -(-width // 8) * 8), np.uint8)
-    padded[:, :width] = keys
-    h = np.zeros(n, np.uint64)
-    for word in padded.view("<u8").T:
-        h = (h ^ word) * np.uint64(0x9E3779B97F4A7C15)
-        h ^= h >> np.uint64(29)
-    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    if not (keys[first][inverse.ravel()] == keys).all():
-        _, first, inverse = np.unique(keys.view(np.dtype((np.void, width))).ravel(), return_index=True,
-                                      return_inverse=True)
-    return [keys[i].tobytes() for i in first], pa.array(inverse.ravel())
+    if not n:
+        return [], pa.array(np.zeros(0, np.uint32))
+    index, first = np.empty(n, np.uint32), np.empty(n, np.uint32)
+    slots = 1 << (2 * n).bit_length()
+    table = np.empty(slots, np.uint32)
+    k = lib.tcpi_distinct(ffi.from_buffer("uint8_t[]", keys), n, width, ffi.from_buffer("uint32_t[]", index),
+                          ffi.from_buffer("uint32_t[]", first), ffi.from_buffer("uint32_t[]", table), slots)
+    return [keys[i].tobytes() for i in first[:k]], pa.array(index)
+
+
+class _Validity:
+    """Validity bitmaps of one attribute type's columns.  A member is present where its value
+    is long enough to hold it, so its bitmap depends only on how many of the batch's distinct
+    value lengths are shorter than the member's end: a handful per type, each built once and
+    shared by the members (rather than a mask per column, converted per column)."""
+
+    def __init__(self, n: int, rows: np.ndarray | None, lengths: np.ndarray, size: int) -> None:
+        self.n, self.rows, self.lengths = n, rows, lengths
+        # the distinct lengths below the type's size (-1: absent), in order; any longer holds every member
+        self.sizes = np.flatnonzero(np.bincount(np.minimum(lengths, size) + 1, minlength=size + 2)[:size + 1]) - 1
+        self._bitmaps: dict[int, tuple[pa.Buffer, int]] = {}
+
+    def array(self, values: np.ndarray, end: int) -> pa.Array:
+        """The column of ``values`` (contiguous, one per value) of a member ending at byte ``end``."""
+        shorter = int(np.searchsorted(self.sizes, end))
+        if self.rows is None and not shorter:
+            return pa.array(values)
+        if self.rows is not None:
+            full = np.zeros(self.n, values.dtype)
+            full[self.rows] = values
+            values = full
+        if shorter not in self._bitmaps:
+            present = self.lengths >= end
+            if self.rows is not None:
+                present, inside = np.zeros(self.n, bool), present
+                present[self.rows] = inside
+            bits = np.packbits(present, bitorder="little")
+            self._bitmaps[shorter] = pa.py_buffer(bits), self.n - int(np.count_nonzero(present))
+        bitmap, nulls = self._bitmaps[shorter]
+        return pa.Array.from_buffers(_UNSIGNED[values.dtype.itemsize], self.n, [bitmap, pa.py_buffer(values)], nulls)
+
+
+_UNSIGNED = {np.dtype(code).itemsize: _ARROW_INT[k] for k, code in _NUMPY_INT.items()}
+"""The Arrow type of each member's (unsigned) values, by size."""
 
 
 def _struct_columns(cols: dict, n: int, rows: np.ndarray | None, matrix: np.ndarray, lengths: np.ndarray,
@@ -553,30 +615,18 @@ def _struct_columns(cols: dict, n: int, rows: np.ndarray | None, matrix: np.ndar
         width = min(size, matrix.shape[1])
         padded[:, :width] = matrix[:, :width]
     decoded = padded.view(dtype).reshape(len(matrix))
-    idx = None if rows is None else np.asarray(rows)
+    validity = _Validity(n, None if rows is None else np.asarray(rows), lengths, size)
     fields = layout.fields if layout is not None else ()
     members = [(f.name, f.offset + struct.calcsize(f.fmt)) for f in fields] or [("v", size)]
-    whole = idx is None and lengths.min(initial=size) >= size   # the usual case: no member is null
     for name, end in members:
         values = decoded[name]
-        absent = None if whole else lengths < end
         parts = layout.bitfields.get(name) if layout is not None else None
-        outputs = ([(f"{prefix}_{sub}", ((values >> shift) & ((1 << width) - 1)).astype(np.uint8))
-                    for sub, shift, width in parts] if parts else
-                   [(f"{prefix}_{name}" if layout is not None else prefix,
-                     values.astype(values.dtype.newbyteorder("=")))])
-        for col, vals in outputs:
-            if absent is None:
-                cols[col] = pa.array(vals)
-                continue
-            if idx is None:
-                full, mask = vals, absent
-            else:
-                full = np.zeros(n, vals.dtype)
-                full[idx] = vals
-                mask = np.ones(n, bool)
-                mask[idx] = absent
-            cols[col] = pa.array(full, mask=mask if mask.any() else None)
+        if parts:
+            for sub, shift, width in parts:
+                cols[f"{prefix}_{sub}"] = validity.array(((values >> shift) & ((1 << width) - 1)).astype(np.uint8), end)
+        else:
+            column = f"{prefix}_{name}" if layout is not None else prefix
+            cols[column] = validity.array(values.astype(values.dtype.newbyteorder("=")), end)
 
 
 def _assemble(cols: dict[str, pa.Array], n: int, archive: _Archive, linenos: list[int] | np.ndarray) -> pa.RecordBatch:
@@ -667,10 +717,9 @@ def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool =
         by one (``one_by_one``) or through the reference."""
         if not block.rows:
             return
-        text = b"".join(block.texts)
-        batch = _decode_block_in_c(text, block.rows, archive, block.linenos())
+        batch = _decode_block_in_c(block.texts, block.counts, archive, block.linenos())
         if batch is None:
-            batch = _decode_block(text + bytes(_SLACK), block.rows, archive, block.linenos())
+            batch = _decode_block(b"".join((*block.texts, bytes(_SLACK))), block.rows, archive, block.linenos())
         if batch is None and one_by_one:
             yield from by_line(block.lines())
             return
