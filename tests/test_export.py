@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 import pty
 import subprocess
@@ -373,6 +374,20 @@ def test_the_block_decoders_leave_every_other_line_shape_to_the_reference(change
     assert change[0] in line
     lines[10] = (n, line.replace(change[0], change[1], 1))
     assert _decode(lines[:10], decoder) is not None and _decode(lines, decoder) is None
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_the_block_decoders_name_each_rows_addresses_and_congestion_control_among_interleaved_connections(
+        decoder: str) -> None:
+    """Every test archive's lines dealt out in turn (IPv4 and IPv6, cubic and BBR, a state
+    change within a connection), so that each block holds many distinct addresses, CONG and
+    SOCKOPT values in alternation: each row's text is the reference's."""
+    per_archive = [_data_lines(archive) for archive in ARCHIVES]
+    lines = [line for group in itertools.zip_longest(*per_archive) for line in group if line is not None]
+    batch = _decode(lines, decoder)
+    assert batch is not None
+    assert len(set(batch.column("idm_src").to_pylist())) > 2 and len(set(batch.column("cong").to_pylist())) > 1
+    _assert_reference_rows(batch, lines)
 
 
 def test_the_c_decoder_fills_one_batch_from_the_readers_blocks_as_they_come() -> None:

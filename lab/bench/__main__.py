@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     x = sub.add_parser("export", help="tcpinfo export rows/s vs csvtool, its peak RSS, DuckDB summary time")
     x.add_argument("-n", "--records", type=int, default=200_000)
     x.add_argument("--big", type=int, default=1_000_000, help="records for the RSS and summary runs")
+    x.add_argument("-r", "--rounds", type=int, default=3, help="alternating runs of the two converters")
     w = sub.add_parser("saver", help="end-to-end records/s: split, encode, compress, write")
     w.add_argument("-n", "--records", type=int, default=300_000)
     w.add_argument("--anonymize", action="store_true")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.what == "export":
         from lab.bench import export
-        print(export.run(args.records, args.big))
+        print(export.run(args.records, args.big, args.rounds))
         return 0
     if args.what == "saver":
         from lab.bench import saver
