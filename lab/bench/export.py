@@ -48,13 +48,13 @@ sys.exit(rc)
 wait4's ru_maxrss also holds the parent's, which a vforked child inherits until it execs."""
 
 
-def _peak_rss_mib(archive: Path, out: Path) -> float:
-    """``tcpinfo export`` as its own process: its peak resident set."""
+def peak_rss_kib(archive: Path, out: Path) -> int:
+    """``tcpinfo export -o out archive`` as its own process: its peak resident set, in KiB."""
     proc = subprocess.run([sys.executable, "-c", _HIGH_WATER, "export", "-o", str(out), str(archive)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"tcpinfo export failed: {proc.stderr}")
-    return round(int(proc.stdout.split()[-1]) / 1024, 1)
+    return int(proc.stdout.split()[-1])
 
 
 def _summary_seconds(dataset: Path, rounds: int = 5) -> tuple[int, float, float]:
@@ -89,7 +89,7 @@ def run(n_records: int = 200_000, big: int = 1_000_000, rounds: int = 3) -> dict
             export_runs.append(_timed(_export, small, Path(tmp) / f"small-{i}"))
         large = Path(tmp) / "big.jsonl.zst"
         write_archive(large, big)
-        rss = _peak_rss_mib(large, Path(tmp) / "big")
+        rss = round(peak_rss_kib(large, Path(tmp) / "big") / 1024, 1)
         connections, sql_s, total_s = _summary_seconds(Path(tmp) / "big")
     rows = csv_runs[0][0]
     return {
