@@ -34,7 +34,8 @@ class Measured(NamedTuple):
     returncode: int
     stderr: str
     peak_rss_kib: int
-    """The csvtool process's own peak resident set (wait4's ru_maxrss)."""
+    """wait4's ru_maxrss: csvtool's peak resident set, or pytest's if that was higher (a vforked
+    child inherits its parent's high-water mark until it execs), so an upper bound of csvtool's."""
     rows: int
     """Lines it wrote (counted by ``wc -l`` as they stream, so output of any size costs no memory)."""
 
