@@ -21,6 +21,7 @@ one-line errors.
 from __future__ import annotations
 
 import binascii
+import functools
 import itertools
 import re
 import struct
@@ -401,11 +402,10 @@ def _decode_block_in_c(texts: list[bytes], counts: list[int], archive: _Archive,
     values = ffi.new("uint8_t *[]", _N_TYPES)
     for t, matrix in matrices.items():
         values[t] = ffi.from_buffer("uint8_t[]", matrix)
-    widths = ffi.new("uint32_t[]", [_KEPT.get(t, 0) for t in range(_N_TYPES)])
     spec = ffi.new("struct tcpi_columns *", {
         "zero_time": _ZERO_TIME, "time_ns": ffi.from_buffer("int64_t[]", times),
         "time_null": ffi.from_buffer("uint8_t[]", null), "idm": ffi.from_buffer("uint8_t[]", idm),
-        "idm_len": IDM_LEN, "n_types": _N_TYPES, "values": values, "widths": widths,
+        "idm_len": IDM_LEN, "n_types": _N_TYPES, "values": values, "widths": _WIDTHS,
         "lengths": ffi.from_buffer("int32_t[]", lengths)})
     row = 0
     for text, count in zip(texts, counts):
@@ -425,6 +425,7 @@ def _decode_block_in_c(texts: list[bytes], counts: list[int], archive: _Archive,
 
 
 _ZERO_TIME = ffi.new("char[]", ZERO_TIME.encode())
+_WIDTHS = ffi.new("uint32_t[]", [_KEPT.get(t, 0) for t in range(_N_TYPES)])
 
 
 def _cong_text(value: bytes) -> str | None:
@@ -446,26 +447,11 @@ _FORMATS: dict[int, Callable[[bytes], str | None]] = {
     INET_DIAG_CONG: _cong_text, INET_DIAG_SOCKOPT: _sockopt_text, _ADDRESS: _address_text}
 
 
-class _Memo:
-    """Text of values that repeat (CONG, SOCKOPT, addresses: a handful of distinct ones per
-    archive), each formatted once; bounded, as the values of a long export are not."""
-
-    LIMIT = 4096
-
-    def __init__(self) -> None:
-        self._texts: dict[tuple[int, bytes], str | None] = {}
-
-    def text(self, kind: int, value: bytes) -> str | None:
-        """``_FORMATS[kind](value)``, from the memo when it was formatted before."""
-        key = (kind, value)
-        if key not in self._texts:
-            if len(self._texts) >= self.LIMIT:
-                self._texts.clear()
-            self._texts[key] = _FORMATS[kind](value)
-        return self._texts[key]
-
-
-_TEXTS = _Memo()
+@functools.lru_cache(maxsize=4096)
+def _text(kind: int, value: bytes) -> str | None:
+    """``_FORMATS[kind](value)``, formatted once: CONG, SOCKOPT and addresses take a handful of
+    values per archive (bounded, as the values of a long export are not)."""
+    return _FORMATS[kind](value)
 
 
 def _texts(t: int, matrix: np.ndarray, lengths: np.ndarray) -> pa.Array | None:
@@ -473,7 +459,7 @@ def _texts(t: int, matrix: np.ndarray, lengths: np.ndarray) -> pa.Array | None:
     (the reference reports it).  A SOCKOPT too short to hold its value is absent."""
     keys = np.concatenate([lengths.astype("<i4")[:, None].view(np.uint8), matrix], axis=1)  # length, bytes
     unique, index = _distinct(keys)
-    texts = [_TEXTS.text(t, data[4:4 + int.from_bytes(data[:4], "little")]) for data in unique]
+    texts = [_text(t, data[4:4 + int.from_bytes(data[:4], "little")]) for data in unique]
     if t == INET_DIAG_CONG and None in texts:
         return None
     return pa.array(texts, pa.string()).take(index)
@@ -548,7 +534,7 @@ _STATE_NAMES = pa.array([state_name(i) for i in range(256)], pa.string())
 def _addresses(raw: np.ndarray, offset: int, family: np.ndarray) -> pa.Array:
     """ip_string of each row's 16 address bytes, formatted once per distinct (family, address)."""
     unique, index = _distinct(np.concatenate([family[:, None], raw[:, offset:offset + 16]], axis=1))
-    return pa.array([_TEXTS.text(_ADDRESS, u) for u in unique], pa.string()).take(index)
+    return pa.array([_text(_ADDRESS, u) for u in unique], pa.string()).take(index)
 
 
 def _distinct(keys: np.ndarray) -> tuple[list[bytes], pa.Array]:
@@ -717,9 +703,10 @@ def archive_batches(path: str, counts: Counts | None = None, *, skip_bad: bool =
         by one (``one_by_one``) or through the reference."""
         if not block.rows:
             return
-        batch = _decode_block_in_c(block.texts, block.counts, archive, block.linenos())
+        linenos = block.linenos()
+        batch = _decode_block_in_c(block.texts, block.counts, archive, linenos)
         if batch is None:
-            batch = _decode_block(b"".join((*block.texts, bytes(_SLACK))), block.rows, archive, block.linenos())
+            batch = _decode_block(b"".join((*block.texts, bytes(_SLACK))), block.rows, archive, linenos)
         if batch is None and one_by_one:
             yield from by_line(block.lines())
             return
